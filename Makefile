@@ -1,0 +1,29 @@
+# Two commands on a fresh clone: `make train` and `make test`.
+# The data: CIFAR10_ROOT=/path/holding/cifar-10-batches-py (else ./data, downloaded when online).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# mlflow run/serve --env-manager local run the first `python` on PATH: make it the venv's.
+export PATH := $(abspath $(BIN)):$(PATH)
+export NO_ALBUMENTATIONS_UPDATE := 1
+
+OVERRIDES ?=
+
+.PHONY: setup train test bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --upgrade pip
+	$(BIN)/pip install -e ".[dev]"
+	touch $@
+
+train: setup
+	$(BIN)/mlflow run . -e train --env-manager local $(if $(OVERRIDES),-P overrides="$(OVERRIDES)")
+
+test: setup
+	$(BIN)/python -m pytest
+
+clean:
+	rm -rf checkpoints outputs multirun .pytest_cache

@@ -1,0 +1,167 @@
+"""Typed settings: the one place where Hydra's DictConfig becomes plain objects.
+
+Stages call ``train_settings(cfg)`` once; everything below them takes these
+dataclasses or plain values. Unknown keys are an error, so a misspelt override
+(``optim.learning_rate=...``) fails loudly instead of being ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be trained; the message says which key and why."""
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    name: str
+    max_params: int = 5_000_000
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    root: str = "./data"
+    download: bool = True
+    val_size: int = 5000
+    split_seed: int = 0
+    train_subset: int = 0
+    repeats: int = 1
+    loader: str = "albumentations"
+    num_workers: int = 2
+
+
+@dataclass(frozen=True)
+class AugmentSettings:
+    name: str = "standard"
+    params: dict[str, Any] = field(default_factory=dict)
+    tensor: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class OptimSettings:
+    name: str = "sgd"
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = True
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 5e-4
+    lookahead_k: int = 0
+    lookahead_alpha: float = 0.5
+
+
+@dataclass(frozen=True)
+class ScheduleSettings:
+    name: str = "onecycle"
+    pct_start: float = 0.25
+    anneal_strategy: str = "cos"
+    div_factor: float = 25.0
+    final_div_factor: float = 1e4
+
+
+@dataclass(frozen=True)
+class LoopSettings:
+    epochs: int = 50
+    batch_size: int = 512
+    label_smoothing: float = 0.1
+    precision: str = "auto"
+    channels_last: bool = True
+    compile: bool = False
+    grad_clip: float = 0.0
+    patience: int = 0
+    ema_decay: float = 0.0
+    eval_batch_size: int = 1024
+    device: str = "auto"
+    checkpoint_dir: str = "checkpoints"
+    progress: bool = True
+    tta: str = "none"
+
+
+@dataclass(frozen=True)
+class RegistrySettings:
+    model_name: str = "cifar10-resnet"
+    register: bool = True
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    model: ModelSettings
+    data: DataSettings
+    augment: AugmentSettings
+    optim: OptimSettings
+    schedule: ScheduleSettings
+    train: LoopSettings
+    registry: RegistrySettings
+    seed: int = 0
+    experiment_name: str = "cifar10-resnet"
+    resume: str | None = None
+    recipe: str | None = None
+
+
+def to_container(cfg: DictConfig) -> dict:
+    """The resolved config as plain dicts, without Hydra's own node."""
+    data = OmegaConf.to_container(cfg, resolve=True)
+    data.pop("hydra", None)
+    return data
+
+
+def _build(cls, section: str, values: Any):
+    if not isinstance(values, dict):
+        raise ConfigError(f"config section {section!r} must be a mapping, got {values!r}")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"unknown key(s) {', '.join(f'{section}.{k}' for k in unknown)}; "
+                          f"known: {', '.join(sorted(known))}")
+    try:
+        return cls(**values)
+    except TypeError as err:  # a required key is missing
+        raise ConfigError(f"config section {section!r}: {err}") from None
+
+
+def train_settings(cfg: DictConfig | dict) -> TrainSettings:
+    values = to_container(cfg) if isinstance(cfg, DictConfig) else dict(cfg)
+    sections = {"model": ModelSettings, "data": DataSettings, "augment": AugmentSettings,
+                "optim": OptimSettings, "schedule": ScheduleSettings, "train": LoopSettings,
+                "registry": RegistrySettings}
+    built = {name: _build(cls, name, values.pop(name, {})) for name, cls in sections.items()}
+    settings = _build(TrainSettings, "top level", {**values, **built})
+    validate(settings)
+    return settings
+
+
+def validate(s: TrainSettings) -> None:
+    """Checks that need no data: they run before anything is read or logged."""
+    if s.train.epochs < 1:
+        raise ConfigError(f"train.epochs must be a positive integer, got {s.train.epochs}")
+    if s.train.batch_size < 1:
+        raise ConfigError(f"train.batch_size must be positive, got {s.train.batch_size}")
+    if s.data.val_size < 0 or s.data.train_subset < 0 or s.data.repeats < 1:
+        raise ConfigError("data.val_size and data.train_subset must be >= 0 and data.repeats >= 1")
+    if s.data.loader not in ("albumentations", "tensor"):
+        raise ConfigError(f"data.loader must be 'albumentations' or 'tensor', got {s.data.loader!r}")
+    if s.data.loader == "tensor" and s.augment.tensor is None:
+        raise ConfigError(f"augment={s.augment.name} has no batched version; "
+                          "use data.loader=albumentations")
+    if not 0.0 <= s.train.label_smoothing < 1.0:
+        raise ConfigError(f"train.label_smoothing must be in [0, 1), got {s.train.label_smoothing}")
+    if s.optim.lr <= 0:
+        raise ConfigError(f"optim.lr must be positive, got {s.optim.lr}")
+
+
+def flatten(values: dict, prefix: str = "") -> dict[str, Any]:
+    """{'optim': {'lr': 0.1}} -> {'optim.lr': 0.1}; lists stay whole."""
+    flat = {}
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat

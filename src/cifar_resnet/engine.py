@@ -1,0 +1,365 @@
+"""The training loop: ``train_one_epoch``, ``evaluate``, ``fit`` and checkpoints.
+
+Plain functions over plain arguments. The loop keeps its running sums on the
+device and reads them once an epoch, so a step never waits for the host.
+Everything a run needs to continue after a kill lives in one checkpoint file,
+written atomically after each epoch; a logger protocol keeps MLflow out of here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from .optim import Lookahead, ModelEMA
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite (learning rate too high, usually)."""
+
+
+class EpochLogger(Protocol):
+    def log_epoch(self, epoch: int, metrics: dict[str, float]) -> None: ...
+
+
+# --------------------------------------------------------------------------- device
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """``auto`` is bf16 where it is fast (CUDA with bf16 support, and CPU: ~3x here), else fp16."""
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision == "fp16":
+        return torch.float16
+    if precision == "auto":
+        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            return torch.float16
+        return torch.bfloat16
+    raise ValueError(f"unknown precision {precision!r}; choose one of: auto, bf16, fp16, fp32")
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(),
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# --------------------------------------------------------------------------- steps
+
+
+@dataclass
+class EpochResult:
+    loss: float
+    acc: float
+    images: int
+    seconds: float
+
+    @property
+    def images_per_second(self) -> float:
+        return self.images / max(self.seconds, 1e-9)
+
+
+def train_one_epoch(
+    model: nn.Module,
+    batches: Iterable,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    device: torch.device,
+    *,
+    label_smoothing: float = 0.0,
+    amp_dtype: torch.dtype | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+    lookahead: Lookahead | None = None,
+    ema: ModelEMA | None = None,
+    grad_clip: float = 0.0,
+    channels_last: bool = True,
+    progress: str | None = None,
+) -> EpochResult:
+    """One pass over ``batches`` of (uint8 NCHW images, labels); returns mean loss and accuracy."""
+    model.train()
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    correct = torch.zeros((), device=device, dtype=torch.int64)
+    seen = 0
+    start = time.perf_counter()
+    bar = tqdm(total=_num_images(batches), desc=progress, unit="img", unit_scale=True,
+               leave=False, dynamic_ncols=True, disable=progress is None)
+    for images, labels in batches:
+        images = images.to(device, non_blocking=True).contiguous(memory_format=memory_format)
+        labels = labels.to(device, non_blocking=True)
+        with autocast(device, amp_dtype):
+            logits = model(images)
+            loss = F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            if grad_clip > 0:
+                scaler.unscale_(optimizer)
+                nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            if grad_clip > 0:
+                nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+            optimizer.step()
+        scheduler.step()
+        if lookahead is not None:
+            lookahead.step()
+        if ema is not None:
+            ema.update(model)
+        n = labels.shape[0]
+        loss_sum += loss.detach().double() * n
+        correct += (logits.detach().argmax(1) == labels).sum()
+        seen += n
+        bar.update(n)
+    bar.close()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - start
+    loss_value = loss_sum.item() / max(seen, 1)
+    if not math.isfinite(loss_value):
+        raise NonFiniteLossError(f"training loss is {loss_value}; lower the learning rate")
+    return EpochResult(loss_value, correct.item() / max(seen, 1), seen, seconds)
+
+
+def _num_images(batches) -> int | None:
+    dataset = getattr(batches, "dataset", None)
+    if dataset is not None:
+        return len(dataset)
+    return getattr(batches, "num_images", None)
+
+
+def image_batches(images: np.ndarray | torch.Tensor, batch_size: int):
+    """Yield uint8 NCHW tensors from uint8 NHWC images without copying the whole set."""
+    images = torch.as_tensor(images)
+    for start in range(0, len(images), batch_size):
+        yield images[start:start + batch_size].permute(0, 3, 1, 2)
+
+
+@torch.inference_mode()
+def predict_logits(
+    model: nn.Module,
+    images: np.ndarray | torch.Tensor,
+    device: torch.device,
+    *,
+    batch_size: int = 1024,
+    amp_dtype: torch.dtype | None = None,
+    views: list[Callable[[torch.Tensor], torch.Tensor]] | None = None,
+) -> torch.Tensor:
+    """Float32 logits for uint8 NHWC images, on the CPU. With ``views`` (test-time
+    augmentation), each batch is expanded into all views in one forward pass and
+    the softmax probabilities are averaged; the result is then log-probabilities."""
+    model.eval()
+    out = []
+    for batch in image_batches(images, batch_size):
+        x = batch.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        with autocast(device, amp_dtype):
+            if views is None:
+                logits = model(x)
+            else:
+                stacked = torch.cat([view(x) for view in views])
+                probs = model(stacked).float().softmax(1).view(len(views), len(x), -1).mean(0)
+                logits = probs.log()
+        out.append(logits.float())
+    return torch.cat(out).cpu() if out else torch.empty(0, 0)
+
+
+def evaluate(
+    model: nn.Module,
+    images: np.ndarray,
+    labels: np.ndarray,
+    device: torch.device,
+    *,
+    batch_size: int = 1024,
+    amp_dtype: torch.dtype | None = None,
+    views=None,
+) -> tuple[float, float, torch.Tensor]:
+    """(cross-entropy loss, accuracy, logits) on a labelled set."""
+    logits = predict_logits(model, images, device, batch_size=batch_size, amp_dtype=amp_dtype,
+                            views=views)
+    targets = torch.as_tensor(labels, dtype=torch.int64)
+    loss = F.cross_entropy(logits, targets).item()
+    acc = (logits.argmax(1) == targets).float().mean().item()
+    return loss, acc, logits
+
+
+# --------------------------------------------------------------------------- fit
+
+
+@dataclass
+class TrainState:
+    """What the loop knows between epochs; saved in every checkpoint."""
+
+    epoch: int = 0  # epochs completed
+    best_val_acc: float = -1.0
+    best_epoch: int = 0
+    epochs_since_best: int = 0
+    stopped_early: bool = False
+    history: list[dict] = field(default_factory=list)  # one metrics dict per epoch
+
+
+@dataclass
+class TrainingParts:
+    """The stateful objects of a run: what a checkpoint saves and restores."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    scaler: torch.amp.GradScaler | None = None
+    lookahead: Lookahead | None = None
+    ema: ModelEMA | None = None
+
+    def eval_model(self) -> nn.Module:
+        return self.ema.module if self.ema is not None else self.model
+
+    def state_dict(self) -> dict:
+        return {name: part.state_dict() for name, part in vars(self).items() if part is not None}
+
+    def load_state_dict(self, state: dict) -> None:
+        for name, part in vars(self).items():
+            if part is not None:
+                part.load_state_dict(state[name])
+
+
+def save_checkpoint(path: Path, parts: TrainingParts, state: TrainState, extra: dict) -> None:
+    """Write to a temporary file and rename, so a kill never leaves half a checkpoint."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"parts": parts.state_dict(), "state": asdict(state), "rng": rng_state(), **extra}
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path, map_location="cpu") -> dict:
+    # weights_only=False: the checkpoint holds RNG states and plain config dicts we wrote ourselves.
+    return torch.load(path, map_location=map_location, weights_only=False)
+
+
+def restore(parts: TrainingParts, checkpoint: dict) -> TrainState:
+    parts.load_state_dict(checkpoint["parts"])
+    set_rng_state(checkpoint["rng"])
+    return TrainState(**checkpoint["state"])
+
+
+def fit(
+    parts: TrainingParts,
+    train_batches: Callable[[int], Iterable],
+    val_images: np.ndarray,
+    val_labels: np.ndarray,
+    device: torch.device,
+    *,
+    epochs: int,
+    state: TrainState | None = None,
+    label_smoothing: float = 0.0,
+    amp_dtype: torch.dtype | None = None,
+    grad_clip: float = 0.0,
+    patience: int = 0,
+    eval_batch_size: int = 1024,
+    channels_last: bool = True,
+    compile: bool = False,
+    checkpoint_dir: Path | None = None,
+    checkpoint_extra: dict | None = None,
+    logger: EpochLogger | None = None,
+    progress: bool = True,
+) -> TrainState:
+    """Train from ``state.epoch + 1`` to ``epochs``, validating, checkpointing and
+    logging after each epoch. ``train_batches(epoch)`` returns that epoch's batches.
+
+    Order after each epoch: checkpoint first, then log. A kill between the two
+    leaves an epoch in the checkpoint's history that the logger never saw; the
+    caller replays it on resume (see ``unlogged_epochs``), so curves have no gap
+    and no repeat.
+    """
+    state = state or TrainState()
+    extra = checkpoint_extra or {}
+    # The compiled module shares its parameters with parts.model, which is what gets saved.
+    train_model = torch.compile(parts.model) if compile else parts.model
+    while state.epoch < epochs and not state.stopped_early:
+        epoch = state.epoch + 1
+        lr = parts.optimizer.param_groups[0]["lr"]
+        desc = f"epoch {epoch}/{epochs}" if progress else None
+        result = train_one_epoch(
+            train_model, train_batches(epoch), parts.optimizer, parts.scheduler, device,
+            label_smoothing=label_smoothing, amp_dtype=amp_dtype, scaler=parts.scaler,
+            lookahead=parts.lookahead, ema=parts.ema, grad_clip=grad_clip,
+            channels_last=channels_last, progress=desc)
+        metrics = {"train_loss": result.loss, "train_acc": result.acc, "lr": lr,
+                   "epoch_seconds": result.seconds,
+                   "images_per_second": result.images_per_second}
+        if len(val_labels):
+            val_loss, val_acc, _ = evaluate(parts.eval_model(), val_images, val_labels, device,
+                                            batch_size=eval_batch_size, amp_dtype=amp_dtype)
+            metrics.update(val_loss=val_loss, val_acc=val_acc)
+        else:  # no validation split: the last epoch is the chosen one
+            val_acc = result.acc
+        state.epoch = epoch
+        state.history.append(metrics)
+        improved = val_acc > state.best_val_acc
+        if improved:
+            state.best_val_acc, state.best_epoch, state.epochs_since_best = val_acc, epoch, 0
+        else:
+            state.epochs_since_best += 1
+        state.stopped_early = patience > 0 and state.epochs_since_best >= patience
+        if checkpoint_dir is not None:
+            save_checkpoint(checkpoint_dir / "last.pt", parts, state, extra)
+            if improved:
+                save_checkpoint(checkpoint_dir / "best.pt", parts, state, extra)
+        if logger is not None:
+            logger.log_epoch(epoch, metrics)
+        print(_summary_line(epoch, epochs, metrics, improved), flush=True)
+    return state
+
+
+def unlogged_epochs(state: TrainState, last_logged_epoch: int) -> list[tuple[int, dict]]:
+    """Epochs in the checkpoint's history that the logger has not seen yet."""
+    return [(e, m) for e, m in enumerate(state.history, start=1) if e > last_logged_epoch]
+
+
+def _summary_line(epoch: int, epochs: int, m: dict, improved: bool) -> str:
+    val = (f" | val loss {m['val_loss']:.4f} acc {m['val_acc']:.4f}{' *' if improved else ''}"
+           if "val_acc" in m else "")
+    return (f"epoch {epoch:>3}/{epochs} | train loss {m['train_loss']:.4f} acc {m['train_acc']:.4f}"
+            f"{val} | lr {m['lr']:.3g} | {m['epoch_seconds']:.1f}s {m['images_per_second']:.0f} img/s")

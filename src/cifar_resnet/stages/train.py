@@ -1,0 +1,146 @@
+"""`mlflow run . -e train`: train one model, track it, register it.
+
+    python -m cifar_resnet.stages.train model=resnet18_slim train.epochs=30
+    python -m cifar_resnet.stages.train resume=<mlflow run id>
+"""
+
+from __future__ import annotations
+
+import platform
+from pathlib import Path
+
+import hydra
+import numpy as np
+import torch
+from omegaconf import DictConfig
+
+from .. import data, engine, pipeline, plots, tracking
+from ..augment import tta_views
+from ..config import ConfigError, TrainSettings, to_container, train_settings
+from ..models import count_parameters
+from ..serving import save_weights
+from . import CONF_DIR, launch, report_user_errors
+
+CHECKPOINT_VERSION = 1
+
+
+@hydra.main(config_path=CONF_DIR, config_name="train", version_base="1.3")
+@report_user_errors
+def main(cfg: DictConfig) -> None:
+    config = to_container(cfg)
+    resume = config.get("resume")
+    checkpoint = None
+    if resume:
+        checkpoint = load_resume_checkpoint(config, resume)
+        config = checkpoint["config"]  # the run continues with the config it started with
+    settings = train_settings(config)
+    train_and_register(settings, config, resume_checkpoint=checkpoint, resume_run_id=resume)
+
+
+def load_resume_checkpoint(config: dict, run_id: str) -> dict:
+    path = Path(config["train"]["checkpoint_dir"]) / run_id / "last.pt"
+    if not path.is_file():
+        raise ConfigError(f"resume={run_id}: no checkpoint at {path} "
+                          "(train.checkpoint_dir must match the original run's)")
+    return engine.load_checkpoint(path)
+
+
+def train_and_register(settings: TrainSettings, config: dict, *,
+                       resume_checkpoint: dict | None = None,
+                       resume_run_id: str | None = None) -> dict:
+    """Everything that can fail on bad input fails before a run is created."""
+    net = pipeline.build_network(settings.model)
+    device = engine.resolve_device(settings.train.device)
+    splits = data.load_splits(settings.data.root, val_size=settings.data.val_size,
+                              train_subset=settings.data.train_subset,
+                              seed=settings.data.split_seed, download=settings.data.download)
+    engine.seed_everything(settings.seed)
+    batches = pipeline.train_batches(settings, splits, device)
+    parts = pipeline.build_parts(settings, net, splits.mean, splits.std,
+                                 pipeline.steps_per_epoch(batches), device)
+    amp = engine.autocast_dtype(settings.train.precision, device)
+
+    with tracking.training_run(settings.experiment_name, resume_run_id) as run:
+        run_id = run.info.run_id
+        print(f"MLflow run {run_id} (experiment {run.info.experiment_id})", flush=True)
+        logger = tracking.EpochMetricLogger(run_id)
+        state = None
+        if resume_checkpoint is None:
+            tracking.log_config(config, run_params(settings, parts.model, device, splits))
+        else:
+            state = engine.restore(parts, resume_checkpoint)
+            for epoch, metrics in engine.unlogged_epochs(state, logger.last_logged_epoch()):
+                logger.log_epoch(epoch, metrics)
+            print(f"resumed after epoch {state.epoch}", flush=True)
+        checkpoint_dir = Path(settings.train.checkpoint_dir) / run_id
+        state = pipeline.run_fit(settings, splits, parts, batches, device, state=state,
+                                 checkpoint_dir=checkpoint_dir,
+                                 checkpoint_extra={"config": config, "version": CHECKPOINT_VERSION},
+                                 logger=logger)
+
+        # The chosen checkpoint is the best on validation; the test set is read once, here.
+        best = engine.load_checkpoint(checkpoint_dir / "best.pt")
+        parts.load_state_dict(best["parts"])
+        model = parts.eval_model()
+        test_loss, test_acc, logits = engine.evaluate(
+            model, splits.test_images, splits.test_labels, device,
+            batch_size=settings.train.eval_batch_size, amp_dtype=amp)
+        summary = {"best_val_acc": state.best_val_acc, "best_epoch": state.best_epoch,
+                   "test_acc": test_acc, "test_loss": test_loss,
+                   "epochs_trained": state.epoch}
+        if settings.train.tta != "none":
+            _, summary["test_acc_tta"], _ = engine.evaluate(
+                model, splits.test_images, splits.test_labels, device,
+                batch_size=settings.train.eval_batch_size, amp_dtype=amp,
+                views=tta_views(settings.train.tta))
+        tracking.log_metrics(summary)
+        print(" | ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                         for k, v in summary.items()), flush=True)
+
+        log_reports(state, splits, logits.argmax(1).numpy())
+        tracking.log_files([checkpoint_dir / "best.pt"], "checkpoints")
+        weights = save_weights(checkpoint_dir / "weights.pt", model, settings.model.name,
+                               settings.model.kwargs, list(data.CIFAR10_CLASSES))
+        model_info = tracking.log_classifier(weights, splits.test_images[:2])
+        if settings.registry.register:
+            version = tracking.register_model(
+                model_info.model_uri, settings.registry.model_name,
+                tags={"val_acc": f"{state.best_val_acc:.4f}", "test_acc": f"{test_acc:.4f}",
+                      "run_id": run_id, "model": settings.model.name,
+                      "parameters": count_parameters(net), "epochs": state.epoch})
+            print(f"registered {settings.registry.model_name} version {version.version}",
+                  flush=True)
+    return summary
+
+
+def run_params(settings: TrainSettings, model: torch.nn.Module, device: torch.device,
+               splits: data.CifarSplits) -> dict:
+    return {
+        "parameters": count_parameters(model),
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
+        else platform.processor() or platform.machine(),
+        "torch_version": torch.__version__,
+        "cuda_version": torch.version.cuda or "none",
+        "git_commit": tracking.git_commit(),
+        "train_images": len(splits.train_labels),
+        "val_images": len(splits.val_labels),
+        "cpu_threads": torch.get_num_threads(),
+        **{f"data_md5.{name}": md5 for name, md5 in splits.md5.items()},
+    }
+
+
+def log_reports(state: engine.TrainState, splits: data.CifarSplits,
+                predictions: np.ndarray) -> None:
+    names = list(data.CIFAR10_CLASSES)
+    matrix = plots.confusion_matrix(splits.test_labels, predictions, len(names))
+    tracking.log_figure(plots.learning_curves(state.history), "plots/learning_curves.png")
+    tracking.log_figure(plots.confusion_figure(matrix, names), "plots/confusion_matrix.png")
+    tracking.log_figure(plots.misclassified_grid(splits.test_images, splits.test_labels,
+                                                 predictions, names),
+                        "plots/misclassified.png")
+    tracking.log_text(plots.per_class_accuracy_csv(matrix, names), "per_class_accuracy.csv")
+
+
+if __name__ == "__main__":
+    launch(main, aliases={"epochs": "train.epochs", "model": "model"})

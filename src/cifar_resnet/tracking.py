@@ -1,0 +1,141 @@
+"""MLflow on the training side: runs, params, metrics, artifacts, registry.
+
+The only training-side module that imports mlflow. The tracking store is
+MLflow's own default (``sqlite:///mlflow.db`` in the working directory, artifacts
+under ./mlruns) unless MLFLOW_TRACKING_URI says otherwise, so a remote tracking
+server works unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import mlflow
+import yaml
+from mlflow.entities import Metric
+from mlflow.tracking import MlflowClient
+
+from .config import flatten
+
+# MLflow caps a param value at 6000 characters.
+_MAX_PARAM_CHARS = 6000
+
+
+@contextlib.contextmanager
+def training_run(experiment_name: str, resume_run_id: str | None = None,
+                 run_name: str | None = None, tags: dict | None = None) -> Iterator[mlflow.ActiveRun]:
+    """Start (or re-open, for resume) the run of one training.
+
+    Under ``mlflow run`` the launcher has already created a run (MLFLOW_RUN_ID);
+    a fresh training logs into it. A resumed training re-opens its own run and
+    leaves a pointer on the launcher's run, so the UI shows where it went.
+    """
+    launcher_run = os.environ.get("MLFLOW_RUN_ID")
+    if resume_run_id:
+        if launcher_run and launcher_run != resume_run_id:
+            MlflowClient().set_tag(launcher_run, "cifar_resnet.resumed_run", resume_run_id)
+            os.environ.pop("MLFLOW_RUN_ID")
+        with mlflow.start_run(run_id=resume_run_id) as run:
+            yield run
+        return
+    if not launcher_run:
+        mlflow.set_experiment(experiment_name)
+    with mlflow.start_run(run_name=run_name, tags=tags) as run:
+        yield run
+
+
+class EpochMetricLogger:
+    """engine.EpochLogger that writes one MLflow step per epoch."""
+
+    def __init__(self, run_id: str):
+        self.run_id = run_id
+        self.client = MlflowClient()
+
+    def log_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
+        # One batch: an epoch's metrics land together or not at all.
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[
+            Metric(key, float(value), now, epoch) for key, value in metrics.items()])
+
+    def last_logged_epoch(self, key: str = "train_loss") -> int:
+        history = self.client.get_metric_history(self.run_id, key)
+        return max((m.step for m in history), default=0)
+
+
+def log_config(config: dict, extra_params: dict[str, Any]) -> None:
+    """The resolved config as flattened params and as a YAML artifact."""
+    params = {**flatten(config), **extra_params}
+    mlflow.log_params({k: _param_value(v) for k, v in params.items()})
+    mlflow.log_text(yaml.safe_dump(config, sort_keys=False), "config/resolved.yaml")
+
+
+def _param_value(value: Any) -> str:
+    text = "None" if value is None else str(value)
+    return text if len(text) <= _MAX_PARAM_CHARS else text[: _MAX_PARAM_CHARS - 3] + "..."
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                             timeout=5, cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
+    mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+
+
+def log_text(text: str, artifact_file: str) -> None:
+    mlflow.log_text(text, artifact_file)
+
+
+def log_figure(fig, artifact_file: str) -> None:
+    import matplotlib.pyplot as plt
+
+    mlflow.log_figure(fig, artifact_file)
+    plt.close(fig)
+
+
+def log_files(paths: list[Path], artifact_path: str | None = None) -> None:
+    for path in paths:
+        mlflow.log_artifact(str(path), artifact_path)
+
+
+def register_model(model_uri: str, name: str, tags: dict[str, Any]) -> Any:
+    """Register ``model_uri`` as a new version of ``name`` and tag it."""
+    version = mlflow.register_model(model_uri, name)
+    client = MlflowClient()
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version.version, key, str(value))
+    return version
+
+
+def log_classifier(weights: Path, example_images) -> Any:
+    """Log the pyfunc that serves ``weights``: uint8 (N, 32, 32, 3) in, probabilities out.
+
+    The example holds two images: a batch-1 example would freeze the batch size.
+    The package travels with the model (code_paths), so serving needs no install.
+    """
+    import numpy as np
+    import torch
+
+    from . import serving
+
+    example = np.ascontiguousarray(example_images[:2])
+    python_model = serving.CifarClassifier()
+    signature = mlflow.models.infer_signature(
+        example, np.zeros((len(example), 10), dtype=np.float32))
+    return mlflow.pyfunc.log_model(
+        name="model", python_model=python_model,
+        artifacts={serving.WEIGHTS_ARTIFACT: str(weights)},
+        code_paths=[str(Path(serving.__file__).parent)],
+        signature=signature, input_example=example,
+        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}",
+                          f"numpy=={np.__version__}", f"mlflow=={mlflow.__version__}"])

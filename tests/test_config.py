@@ -1,0 +1,68 @@
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from cifar_resnet.config import ConfigError, flatten, to_container, train_settings
+from cifar_resnet.stages import CONF_DIR, mlproject_argv
+
+
+def compose_train(*overrides):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose(config_name="train", overrides=list(overrides))
+
+
+def test_conf_dir_is_the_repository_conf():
+    assert Path(CONF_DIR) == Path(__file__).resolve().parents[1] / "conf"
+
+
+def test_default_config_is_the_seed_recipe():
+    s = train_settings(compose_train())
+    assert s.model.name == "seed_resnet"
+    assert (s.optim.name, s.optim.lr, s.optim.momentum, s.optim.nesterov) == ("sgd", 0.1, 0.95, True)
+    assert s.optim.weight_decay == pytest.approx(4e-5)
+    assert (s.optim.lookahead_k, s.optim.lookahead_alpha) == (5, 0.8)
+    assert (s.schedule.name, s.schedule.pct_start) == ("onecycle", 0.25)
+    assert s.train.label_smoothing == 0.1 and s.train.batch_size == 512
+    assert s.data.val_size == 5000
+
+
+@pytest.mark.parametrize("model", ["seed_resnet", "resnet18_slim", "se_resnet", "wide_resnet",
+                                   "resnet_small", "resnet9"])
+def test_every_model_config_composes(model):
+    assert train_settings(compose_train(f"model={model}")).model.name == model
+
+
+def test_overrides_reach_the_typed_settings():
+    s = train_settings(compose_train("train.epochs=3", "optim.lr=0.05", "augment=none",
+                                     "data.train_subset=100"))
+    assert (s.train.epochs, s.optim.lr, s.augment.name, s.data.train_subset) == (3, 0.05, "none", 100)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.epochs=0", "train.epochs must be a positive integer"),
+    ("train.epochs=-3", "train.epochs must be a positive integer"),
+    ("data.loader=gpu", "data.loader"),
+    ("+optim.learning_rate=1", "unknown key"),
+])
+def test_bad_values_are_config_errors(override, message):
+    with pytest.raises(ConfigError, match=message):
+        train_settings(compose_train(override))
+
+
+def test_seed_augmentation_has_no_tensor_path():
+    with pytest.raises(ConfigError, match="no batched version"):
+        train_settings(compose_train("augment=seed", "data.loader=tensor"))
+
+
+def test_mlproject_argv_splits_overrides_and_drops_empty_parameters():
+    argv = ["epochs=", "model=resnet9", "overrides=data.train_subset=2000 augment=none 'x.y=a b'"]
+    assert mlproject_argv(argv, {"epochs": "train.epochs", "model": "model"}) == [
+        "model=resnet9", "data.train_subset=2000", "augment=none", "x.y=a b"]
+    assert mlproject_argv(["epochs=2", "overrides="], {"epochs": "train.epochs"}) == ["train.epochs=2"]
+
+
+def test_flatten_names_params_by_path():
+    flat = flatten(to_container(compose_train()))
+    assert flat["optim.lr"] == 0.1 and flat["model.name"] == "seed_resnet"
+    assert "hydra" not in " ".join(flat)

@@ -29,6 +29,7 @@ class ModelSettings:
 class DataSettings:
     root: str = "./data"
     download: bool = True
+    md5_file: str | None = None
     val_size: int = 5000
     split_seed: int = 0
     train_subset: int = 0

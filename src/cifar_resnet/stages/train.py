@@ -53,7 +53,9 @@ def train_and_register(settings: TrainSettings, config: dict, *,
     device = engine.resolve_device(settings.train.device)
     splits = data.load_splits(settings.data.root, val_size=settings.data.val_size,
                               train_subset=settings.data.train_subset,
-                              seed=settings.data.split_seed, download=settings.data.download)
+                              seed=settings.data.split_seed, download=settings.data.download,
+                              expected_md5=data.read_md5_file(settings.data.md5_file)
+                              if settings.data.md5_file else None)
     engine.seed_everything(settings.seed)
     batches = pipeline.train_batches(settings, splits, device)
     parts = pipeline.build_parts(settings, net, splits.mean, splits.std,

@@ -1,0 +1,184 @@
+"""The train entry point end to end, as a user runs it: `mlflow run . -e train`."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import mlflow
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from cifar_resnet import data, engine
+from stage_utils import REPO, make_experiment, run_module, stage_env, tiny_overrides
+
+EPOCH_METRICS = ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_seconds",
+                 "images_per_second")
+ARTIFACTS = ("config/resolved.yaml", "plots/learning_curves.png", "plots/confusion_matrix.png",
+             "plots/misclassified.png", "per_class_accuracy.csv", "checkpoints/best.pt")
+
+
+def predicted_classes(prediction) -> np.ndarray:
+    if hasattr(prediction, "columns"):  # DataFrame answer: one row per image
+        return prediction["class_index"].to_numpy()
+    return np.asarray(prediction).argmax(1)
+
+
+@pytest.mark.slow
+def test_mlflow_run_train_tracks_and_registers(tiny_cifar, tmp_path):
+    env = stage_env(tmp_path)
+    make_experiment(tmp_path, "e2e")
+    overrides = " ".join(tiny_overrides(tiny_cifar, tmp_path))
+    result = subprocess.run(
+        [str(sys.executable.rsplit("/", 1)[0] + "/mlflow"), "run", ".", "-e", "train",
+         "--env-manager", "local", "--experiment-name", "e2e",
+         "-P", "epochs=2", "-P", f"overrides={overrides}"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    [run] = client.search_runs([client.get_experiment_by_name("e2e").experiment_id])
+    assert run.info.status == "FINISHED"
+    params = run.data.params
+    assert params["model.name"] == "resnet_small" and params["train.epochs"] == "2"
+    assert params["optim.lr"] == "0.1" and int(params["parameters"]) == 272_474
+    assert {"device", "torch_version", "cuda_version", "git_commit"} <= set(params)
+    assert len(params["data_md5.data_batch_1"]) == 32
+    for key in EPOCH_METRICS:
+        assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [1, 2], key
+    for key in ("best_val_acc", "test_acc", "test_loss"):
+        assert key in run.data.metrics
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    for folder in ("config", "plots", "checkpoints"):
+        artifacts |= {a.path for a in client.list_artifacts(run.info.run_id, folder)}
+    assert set(ARTIFACTS) <= artifacts
+
+    [version] = client.search_model_versions("name='tiny-cifar'")
+    assert str(version.version) == "1" and version.run_id == run.info.run_id
+    assert float(version.tags["test_acc"]) == pytest.approx(run.data.metrics["test_acc"], abs=1e-4)
+    assert float(version.tags["val_acc"]) == pytest.approx(run.data.metrics["best_val_acc"], abs=1e-4)
+
+    # The registered model predicts what the best checkpoint predicts.
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    pyfunc = mlflow.pyfunc.load_model("models:/tiny-cifar/1")
+    images, _ = data.load_cifar10(tiny_cifar.root, train=False)
+    checkpoint = engine.load_checkpoint(tmp_path / "checkpoints" / run.info.run_id / "best.pt")
+    from cifar_resnet.models import ImageClassifier, build_model
+
+    model = ImageClassifier(build_model("resnet_small"), (0, 0, 0), (1, 1, 1))
+    model.load_state_dict(checkpoint["parts"]["model"])
+    expected = engine.predict_logits(model, images, torch.device("cpu")).argmax(1).numpy()
+    np.testing.assert_array_equal(predicted_classes(pyfunc.predict(images)), expected)
+
+
+def _run_ids(tmp_path, experiment="tests"):
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    exp = client.get_experiment_by_name(experiment)
+    return [] if exp is None else [r.info.run_id for r in client.search_runs([exp.experiment_id])]
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_into_the_same_run_without_gap_or_repeat(tiny_cifar, tmp_path):
+    env = stage_env(tmp_path)
+    make_experiment(tmp_path, "tests")
+    # ~4,500 images an epoch, so an epoch lasts seconds and the kill lands inside one.
+    args = tiny_overrides(tiny_cifar, tmp_path, **{"train.epochs": 4, "data.repeats": 30,
+                                                   "train.batch_size": 64})
+    process = subprocess.Popen([sys.executable, "-m", "cifar_resnet.stages.train", *args],
+                               cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True, start_new_session=True)
+    checkpoints = tmp_path / "checkpoints"
+    deadline = time.monotonic() + 240
+    while not list(checkpoints.glob("*/last.pt")) and time.monotonic() < deadline:
+        assert process.poll() is None, process.stdout.read()
+        time.sleep(0.2)
+    [last] = list(checkpoints.glob("*/last.pt"))
+    epochs_before = engine.load_checkpoint(last)["state"]["epoch"]
+    time.sleep(1.0)  # into the next epoch
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=30)
+    process.stdout.close()
+    run_id = last.parent.name
+    killed_at = engine.load_checkpoint(last)["state"]["epoch"]
+    assert killed_at < 4, "the run finished before the kill; make epochs longer"
+
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    assert client.get_run(run_id).info.status == "RUNNING"  # killed: nobody closed it
+
+    resumed = run_module("cifar_resnet.stages.train",
+                         [f"resume={run_id}", f"train.checkpoint_dir={checkpoints}"], env)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert f"resumed after epoch {killed_at}" in resumed.stdout
+    assert epochs_before >= 1
+    assert _run_ids(tmp_path) == [run_id]
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and "test_acc" in run.data.metrics
+    for key in ("train_loss", "val_acc", "lr"):
+        steps = [m.step for m in client.get_metric_history(run_id, key)]
+        assert sorted(steps) == [1, 2, 3, 4], (key, steps)
+
+
+def _corrupt_copy(tiny, tmp_path):
+    root = tmp_path / "corrupt"
+    shutil.copytree(tiny.root, root)
+    batch = root / "cifar-10-batches-py" / "data_batch_3"
+    batch.write_bytes(batch.read_bytes()[:1000])
+    return root
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case, extra, message", [
+    ("missing data", {"data.root": "{tmp}/nowhere"}, "CIFAR10_ROOT"),
+    ("corrupt batch", {"data.root": "{corrupt}"}, "data_batch_3"),
+    ("unknown model name", {"model.name": "resnet1000"}, "unknown model"),
+    ("over 5M parameters", {"model": "wide_resnet", "model.kwargs.widen_factor": 8},
+     "over the limit"),
+    ("zero epochs", {"train.epochs": 0}, "train.epochs must be a positive integer"),
+    ("negative epochs", {"train.epochs": -2}, "train.epochs must be a positive integer"),
+])
+def test_bad_input_is_one_clear_line_and_nothing_is_logged(tiny_cifar, tmp_path, case, extra,
+                                                            message):
+    env = stage_env(tmp_path)
+    corrupt = _corrupt_copy(tiny_cifar, tmp_path) if case == "corrupt batch" else None
+    extra = {k: str(v).format(tmp=tmp_path, corrupt=corrupt) for k, v in extra.items()}
+    result = run_module("cifar_resnet.stages.train", tiny_overrides(tiny_cifar, tmp_path, **extra),
+                        env, timeout=120)
+    assert result.returncode != 0
+    error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(error_lines) == 1 and message in error_lines[0], result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert _run_ids(tmp_path) == []
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    assert client.search_registered_models() == []
+
+
+def test_unknown_model_group_fails_with_the_known_names(tiny_cifar, tmp_path):
+    result = run_module("cifar_resnet.stages.train",
+                        tiny_overrides(tiny_cifar, tmp_path, model="nope"), stage_env(tmp_path),
+                        timeout=120)
+    assert result.returncode != 0
+    assert "model/nope" in result.stderr and "seed_resnet" in result.stderr
+
+
+@pytest.mark.cifar
+@pytest.mark.slow
+def test_one_short_epoch_on_real_cifar(cifar_root, tmp_path):
+    env = stage_env(tmp_path)
+    make_experiment(tmp_path, "tests")
+    args = [
+        f"data.root={cifar_root}", "data.train_subset=1000", "data.val_size=500",
+        "data.num_workers=0", "model=resnet_small", "train.epochs=1", "train.batch_size=128",
+        "train.progress=false", f"train.checkpoint_dir={tmp_path}/checkpoints",
+        "experiment_name=tests", "registry.register=false"]
+    result = run_module("cifar_resnet.stages.train", args, env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    [run_id] = _run_ids(tmp_path)
+    run = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_run(run_id)
+    assert run.data.params["train_images"] == "1000" and run.data.params["val_images"] == "500"
+    # 10 classes: one epoch on 1,000 images already beats chance by a margin.
+    assert run.data.metrics["test_acc"] > 0.15

@@ -1,20 +1,88 @@
 """The MLflow pyfunc that serves a trained classifier.
 
 It imports neither the engine, Optuna nor Hydra: a logged model carries this
-package (``code_paths``) and a small weights file, and needs only torch at load.
+package (``code_paths``) and a small weights file, and needs only torch, numpy,
+Pillow and OpenCV at load.
+
+Input, one of:
+
+- a DataFrame (``dataframe_split`` / ``dataframe_records`` over HTTP) with a column
+  ``image`` of encoded image files (PNG, JPEG, BMP, WebP; any size; grayscale, RGB or
+  RGBA): base64 text over HTTP, raw ``bytes`` too from Python;
+- raw pixels: an integer array (N, 32, 32, 3) with values 0..255 (``inputs`` over HTTP).
+
+Output: a DataFrame, one row per image: ``class_name``, ``class_index`` and the 10
+``probabilities``. The parameter ``tta`` ("none" or "flip") averages the probabilities
+over test-time views, as ``engine.evaluate`` does.
+
+Bad input raises MlflowException(INVALID_PARAMETER_VALUE), which the scoring server
+answers with HTTP 400 and the message; any other exception would become a generic
+"unexpected error" without saying what was wrong. Limits (see ``Limits``) are read
+from the environment when the model loads.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+import io
+import os
+import reprlib
+import struct
+from dataclasses import dataclass, fields
 from pathlib import Path
 
+import cv2
 import mlflow.pyfunc
 import numpy as np
+import pandas as pd
 import torch
+from mlflow.exceptions import MlflowException
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .models import ImageClassifier, build_model
 
 WEIGHTS_ARTIFACT = "weights"
+IMAGE_COLUMN = "image"
+IMAGE_SIZE = 32
+IMAGE_FORMATS = ("PNG", "JPEG", "BMP", "WEBP")
+TTA_MODES = ("none", "flip")
+ENV_PREFIX = "CIFAR_RESNET_"
+# Images per forward pass: bounds activation memory whatever the request size.
+_CHUNK = 128
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may carry; each field is overridden by $CIFAR_RESNET_<FIELD>.
+
+    MLflow's scoring server has no body-size option, so these bound the work and the
+    memory a request causes once it reaches the model: sizes are checked before any
+    base64 or image decoding, pixel counts from the header before any pixel is decoded,
+    and images are decoded one at a time, each shrunk to 32x32 at once.
+    """
+
+    max_image_bytes: int = 8 * 2**20  # one encoded file
+    max_request_bytes: int = 32 * 2**20  # all encoded files (or pixel arrays) of a request
+    max_pixels: int = 4096 * 4096  # width * height declared by one file's header
+    max_images: int = 1024  # images per request: bounds inference time
+
+    @classmethod
+    def from_env(cls, environ=os.environ) -> Limits:
+        values = {}
+        for field in fields(cls):
+            name = ENV_PREFIX + field.name.upper()
+            if name in environ:
+                value = environ[name].strip()
+                if not value.isdigit() or int(value) == 0:
+                    raise ValueError(f"{name} must be a positive integer, got {environ[name]!r}")
+                values[field.name] = int(value)
+        return cls(**values)
+
+
+def bad_input(message: str) -> MlflowException:
+    return MlflowException.invalid_parameter_value(message)
 
 
 def save_weights(path: Path, model: ImageClassifier, model_name: str, model_kwargs: dict,
@@ -30,24 +98,191 @@ def load_classifier(path: str | Path) -> tuple[ImageClassifier, list[str]]:
     saved = torch.load(path, map_location="cpu", weights_only=True)
     net = build_model(saved["model_name"], num_classes=len(saved["class_names"]),
                       **saved["model_kwargs"])
+    # mean/std are buffers: the state dict below overwrites these placeholders.
     model = ImageClassifier(net, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
     model.load_state_dict(saved["state_dict"])
     return model.eval(), saved["class_names"]
 
 
+# --------------------------------------------------------------------------- decoding
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    """(H, W, 3) uint8 RGB -> PNG file bytes (lossless, so the model sees the same pixels)."""
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _png_size(data: bytes) -> tuple[int, int] | None:
+    """Width and height from a PNG's IHDR, without Pillow (which refuses to open a
+    zero-sized PNG at all, so could not say why)."""
+    if data[:8] == _PNG_SIGNATURE and data[12:16] == b"IHDR" and len(data) >= 24:
+        return struct.unpack(">II", data[16:24])
+    return None
+
+
+def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
+    """One encoded image file -> (32, 32, 3) uint8 RGB. Raises ValueError saying what
+    is wrong with the file."""
+    if len(data) == 0:
+        raise ValueError("is empty")
+    try:
+        # open() only reads the header: the size is known before any pixel is decoded.
+        image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
+    except Image.DecompressionBombError as error:  # Pillow's own guard, far above ours
+        raise ValueError(f"is too large ({error}); the limit is {max_pixels:,} pixels "
+                         f"({ENV_PREFIX}MAX_PIXELS)") from None
+    except UnidentifiedImageError:
+        size = _png_size(data)
+        if size is not None and 0 in size:
+            raise ValueError(f"is a PNG with a zero dimension ({size[0]}x{size[1]})") from None
+        raise ValueError("is not a valid PNG, JPEG, BMP or WebP image (unknown format or "
+                         "corrupt header)") from None
+    except Exception as error:  # noqa: BLE001 - whatever fails on a client's file is its fault
+        raise ValueError(f"has an unreadable header: {type(error).__name__}: {error}") from None
+    with image:
+        width, height = image.size
+        if width * height > max_pixels:
+            raise ValueError(f"is {width}x{height} = {width * height:,} pixels, over the limit "
+                             f"of {max_pixels:,} ({ENV_PREFIX}MAX_PIXELS)")
+        try:
+            # Phone photos store their rotation in EXIF; undo it as an image viewer would.
+            pixels = np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
+        except Exception as error:  # noqa: BLE001 - truncated or corrupt pixel data
+            raise ValueError(f"could not be decoded: {type(error).__name__}: {error}") from None
+    if pixels.shape[:2] != (IMAGE_SIZE, IMAGE_SIZE):
+        pixels = cv2.resize(pixels, (IMAGE_SIZE, IMAGE_SIZE), interpolation=cv2.INTER_AREA)
+    return pixels
+
+
+def _file_bytes(cell, index: int, limits: Limits) -> bytes:
+    """The encoded file in one cell: base64 text (an optional data: URL prefix and
+    line breaks allowed) or raw bytes."""
+    if cell is None or cell is pd.NA or (isinstance(cell, float) and np.isnan(cell)):
+        raise bad_input(f"image {index}: is missing (null)")  # pandas turns None into NaN
+    if isinstance(cell, (bytes, bytearray, memoryview)):
+        data = bytes(cell)
+    elif isinstance(cell, str):
+        text = cell.partition(",")[2] if cell.startswith("data:") else cell
+        text = "".join(text.split())  # `base64` wraps its output at 76 columns
+        if len(text) // 4 * 3 > limits.max_image_bytes:  # checked before decoding
+            raise bad_input(f"image {index}: about {len(text) // 4 * 3:,} bytes, over the "
+                            f"limit of {limits.max_image_bytes:,} ({ENV_PREFIX}MAX_IMAGE_BYTES)")
+        try:
+            data = base64.b64decode(text, validate=True)
+        except (binascii.Error, ValueError) as error:
+            raise bad_input(f"image {index}: not valid base64 ({error})") from None
+    else:
+        raise bad_input(f"image {index}: expected a base64-encoded image file, got "
+                        f"{type(cell).__name__} {reprlib.repr(cell)}")
+    if len(data) > limits.max_image_bytes:
+        raise bad_input(f"image {index}: {len(data):,} bytes, over the limit of "
+                        f"{limits.max_image_bytes:,} ({ENV_PREFIX}MAX_IMAGE_BYTES)")
+    return data
+
+
+def _encoded_size(cell) -> int:
+    if isinstance(cell, str):
+        return len(cell) // 4 * 3
+    return len(cell) if isinstance(cell, (bytes, bytearray, memoryview)) else 0
+
+
+def decode_files(cells, limits: Limits) -> np.ndarray:
+    """A column of encoded files -> (N, 32, 32, 3) uint8."""
+    _check_count(len(cells), limits)
+    total = sum(_encoded_size(cell) for cell in cells)
+    if total > limits.max_request_bytes:
+        raise bad_input(f"the request carries about {total:,} bytes of images, over the limit "
+                        f"of {limits.max_request_bytes:,} ({ENV_PREFIX}MAX_REQUEST_BYTES)")
+    images = np.empty((len(cells), IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
+    for index, cell in enumerate(cells):
+        try:
+            images[index] = decode_image(_file_bytes(cell, index, limits), limits.max_pixels)
+        except ValueError as error:
+            raise bad_input(f"image {index}: {error}") from None
+    return images
+
+
+def pixel_array(array: np.ndarray, limits: Limits) -> np.ndarray:
+    """Raw pixels (N, 32, 32, 3) as sent -> uint8. JSON has no uint8, so any integer
+    dtype passes when every value is in 0..255."""
+    expected = f"(N, {IMAGE_SIZE}, {IMAGE_SIZE}, 3)"
+    if array.ndim != 4 or array.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE, 3):
+        raise bad_input(f"expected image arrays of shape {expected} (uint8 RGB) or a column "
+                        f"{IMAGE_COLUMN!r} of encoded images; got an array of shape {array.shape}")
+    _check_count(len(array), limits)
+    if array.nbytes > limits.max_request_bytes:
+        raise bad_input(f"the request carries {array.nbytes:,} bytes of pixels, over the limit "
+                        f"of {limits.max_request_bytes:,} ({ENV_PREFIX}MAX_REQUEST_BYTES)")
+    if array.dtype == np.uint8:
+        return array
+    if array.dtype.kind not in "iu":
+        raise bad_input(f"expected uint8 pixels (integers 0..255); got dtype {array.dtype}")
+    if array.min() < 0 or array.max() > 255:
+        raise bad_input(f"pixel values must be in 0..255; got {array.min()}..{array.max()}")
+    return array.astype(np.uint8)
+
+
+def _check_count(count: int, limits: Limits) -> None:
+    if count == 0:
+        raise bad_input("the request holds no images")
+    if count > limits.max_images:
+        raise bad_input(f"the request holds {count:,} images, over the limit of "
+                        f"{limits.max_images:,} ({ENV_PREFIX}MAX_IMAGES); split it")
+
+
+def to_images(model_input, limits: Limits) -> np.ndarray:
+    """Whatever predict was given -> (N, 32, 32, 3) uint8, or a 400 saying what is wrong."""
+    if isinstance(model_input, pd.DataFrame):
+        if IMAGE_COLUMN not in model_input.columns:
+            raise bad_input(f"expected a column {IMAGE_COLUMN!r} of base64-encoded image files; "
+                            f"got columns {[str(c) for c in model_input.columns]}")
+        return decode_files(model_input[IMAGE_COLUMN].tolist(), limits)
+    if isinstance(model_input, dict):  # {"inputs": {"image": [...]}} over HTTP
+        if IMAGE_COLUMN not in model_input:
+            raise bad_input(f"expected a key {IMAGE_COLUMN!r} of base64-encoded image files; "
+                            f"got keys {[str(k) for k in model_input]}")
+        return decode_files(list(np.atleast_1d(model_input[IMAGE_COLUMN])), limits)
+    array = np.asarray(model_input)
+    if array.ndim == 1 and array.dtype.kind in "USO":  # {"inputs": ["<base64>", ...]}
+        return decode_files(array.tolist(), limits)
+    return pixel_array(array, limits)
+
+
+# --------------------------------------------------------------------------- the pyfunc
+
+
 class CifarClassifier(mlflow.pyfunc.PythonModel):
-    """uint8 images (N, 32, 32, 3) in, the 10 class probabilities (N, 10) out."""
+    """Encoded image files or uint8 pixels in; class name, index and probabilities out."""
 
     def load_context(self, context) -> None:
+        self.limits = Limits.from_env()
         self.model, self.class_names = load_classifier(context.artifacts[WEIGHTS_ARTIFACT])
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model.to(self.device)
 
+    def predict(self, context, model_input, params=None) -> pd.DataFrame:
+        tta = (params or {}).get("tta") or "none"
+        if tta not in TTA_MODES:
+            raise bad_input(f"unknown tta {tta!r}; choose one of {', '.join(TTA_MODES)}")
+        images = to_images(model_input, self.limits)
+        probabilities = self.probabilities(images, tta)
+        indices = probabilities.argmax(1)
+        return pd.DataFrame({
+            "class_name": [self.class_names[i] for i in indices],
+            "class_index": indices.astype(np.int64),
+            "probabilities": probabilities.tolist(),
+        })
+
     @torch.inference_mode()
-    def predict(self, context, model_input, params=None) -> np.ndarray:
-        images = np.asarray(model_input)
-        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (32, 32, 3):
-            raise ValueError(f"expected uint8 images of shape (N, 32, 32, 3), got "
-                             f"{images.dtype} {images.shape}")
-        x = torch.from_numpy(images).permute(0, 3, 1, 2).to(self.device)
-        return self.model(x).float().softmax(1).cpu().numpy()
+    def probabilities(self, images: np.ndarray, tta: str = "none") -> np.ndarray:
+        """(N, 32, 32, 3) uint8 -> (N, classes) float32; "flip" averages the softmax of
+        each image and its mirror image, as training's test_acc_tta does."""
+        out = []
+        for start in range(0, len(images), _CHUNK):
+            x = torch.from_numpy(images[start:start + _CHUNK]).permute(0, 3, 1, 2).to(self.device)
+            views = [x] if tta == "none" else [x, x.flip(3)]
+            probs = self.model(torch.cat(views)).float().softmax(1)
+            out.append(probs.view(len(views), len(x), -1).mean(0).cpu())
+        return torch.cat(out).numpy()

@@ -117,25 +117,54 @@ def register_model(model_uri: str, name: str, tags: dict[str, Any]) -> Any:
     return version
 
 
-def log_classifier(weights: Path, example_images) -> Any:
-    """Log the pyfunc that serves ``weights``: uint8 (N, 32, 32, 3) in, probabilities out.
+def log_classifier(weights: Path, example_images, name: str = "model") -> Any:
+    """Log the pyfunc that serves ``weights`` (see ``serving``): a column ``image`` of
+    base64-encoded image files, or uint8 (N, 32, 32, 3) pixels, in; one row per image
+    (class_name, class_index, probabilities) out; parameter ``tta``.
 
-    The example holds two images: a batch-1 example would freeze the batch size.
-    The package travels with the model (code_paths), so serving needs no install.
+    ``example_images`` are uint8 NHWC; the logged example is two of them as PNGs (a
+    batch-1 example would freeze the batch size). The package travels with the model
+    (code_paths), so serving needs no install.
     """
+    import base64
+    from importlib import metadata
+
     import numpy as np
+    import pandas as pd
     import torch
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, DataType, ParamSchema, ParamSpec, Schema
+    from mlflow.types.schema import Array
 
     from . import serving
 
-    example = np.ascontiguousarray(example_images[:2])
-    python_model = serving.CifarClassifier()
-    signature = mlflow.models.infer_signature(
-        example, np.zeros((len(example), 10), dtype=np.float32))
+    example = pd.DataFrame({serving.IMAGE_COLUMN: [
+        base64.b64encode(serving.encode_png(image)).decode("ascii")
+        for image in np.asarray(example_images[:2], dtype=np.uint8)]})
+    # No input schema on purpose: a column schema makes MLflow reject pixel arrays
+    # before predict sees them, a tensor schema rejects the image column. predict
+    # validates both forms itself, with messages that say what is wrong.
+    signature = ModelSignature(
+        inputs=None,
+        outputs=Schema([ColSpec(DataType.string, "class_name"),
+                        ColSpec(DataType.long, "class_index"),
+                        ColSpec(Array(DataType.float), "probabilities")]),
+        params=ParamSchema([ParamSpec("tta", DataType.string, "none")]))
+
+    def requirement(package: str) -> str:
+        try:
+            return f"{package}=={metadata.version(package)}"
+        except metadata.PackageNotFoundError:  # e.g. opencv-python instead of -headless
+            return package
+
     return mlflow.pyfunc.log_model(
-        name="model", python_model=python_model,
+        name=name, python_model=serving.CifarClassifier(),
         artifacts={serving.WEIGHTS_ARTIFACT: str(weights)},
         code_paths=[str(Path(serving.__file__).parent)],
         signature=signature, input_example=example,
-        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}",
-                          f"numpy=={np.__version__}", f"mlflow=={mlflow.__version__}"])
+        metadata={"input": f"column {serving.IMAGE_COLUMN!r}: base64 PNG/JPEG/BMP/WebP files, "
+                           "or uint8 pixels (N, 32, 32, 3) via 'inputs'",
+                  "tta": list(serving.TTA_MODES)},
+        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", requirement("numpy"),
+                          requirement("pandas"), requirement("pillow"),
+                          requirement("opencv-python-headless"), requirement("mlflow")])

@@ -16,8 +16,14 @@ def test_conf_dir_is_the_repository_conf():
     assert Path(CONF_DIR) == Path(__file__).resolve().parents[1] / "conf"
 
 
-def test_default_config_is_the_seed_recipe():
+def test_default_recipe_is_best():
     s = train_settings(compose_train())
+    assert (s.recipe, s.model.name, s.model.kwargs["depth"]) == ("best", "wide_resnet", 22)
+
+
+@pytest.mark.parametrize("override", ["~recipe", "recipe=seed"])
+def test_base_config_and_seed_recipe_follow_the_seed_report(override):
+    s = train_settings(compose_train(override))
     assert s.model.name == "seed_resnet"
     assert (s.optim.name, s.optim.lr, s.optim.momentum, s.optim.nesterov) == ("sgd", 0.1, 0.95, True)
     assert s.optim.weight_decay == pytest.approx(4e-5)
@@ -25,6 +31,22 @@ def test_default_config_is_the_seed_recipe():
     assert (s.schedule.name, s.schedule.pct_start) == ("onecycle", 0.25)
     assert s.train.label_smoothing == 0.1 and s.train.batch_size == 512
     assert s.data.val_size == 5000
+    assert s.train.epochs == (200 if override == "recipe=seed" else 50)
+
+
+@pytest.mark.parametrize("recipe", ["fast", "seed", "best"])
+def test_every_recipe_builds_under_the_parameter_limit(recipe):
+    from cifar_resnet.models import count_parameters
+    from cifar_resnet.pipeline import build_network
+
+    s = train_settings(compose_train(f"recipe={recipe}"))
+    assert s.recipe == recipe
+    assert count_parameters(build_network(s.model)) < 5_000_000
+
+
+def test_recipe_survives_a_model_override():
+    s = train_settings(compose_train("recipe=best", "model=resnet_small"))
+    assert s.model.name == "resnet_small" and s.optim.lr == 0.2
 
 
 @pytest.mark.parametrize("model", ["seed_resnet", "resnet18_slim", "se_resnet", "wide_resnet",
@@ -63,6 +85,6 @@ def test_mlproject_argv_splits_overrides_and_drops_empty_parameters():
 
 
 def test_flatten_names_params_by_path():
-    flat = flatten(to_container(compose_train()))
+    flat = flatten(to_container(compose_train("recipe=seed")))
     assert flat["optim.lr"] == 0.1 and flat["model.name"] == "seed_resnet"
     assert "hydra" not in " ".join(flat)

@@ -257,6 +257,13 @@ def test_tensor_loader_covers_every_sample_once_and_is_deterministic():
     assert len(dropping) == 10 and len(_collect(dropping)) == 10
 
 
+def test_tensor_loader_repeats_show_every_image_k_times():
+    loader = data.TensorLoader(_indexed_images(7), np.arange(7), 4, "cpu", shuffle=True, repeats=3)
+    assert loader.num_images == 21 and len(loader) == 6
+    seen = torch.cat([y for _, y in _collect(loader)])
+    assert sorted(seen.tolist()) == sorted(list(range(7)) * 3)
+
+
 def test_tensor_loader_augments_deterministically():
     images = np.random.default_rng(0).integers(0, 256, (40, 32, 32, 3), dtype=np.uint8)
     augment = BatchAugment(crop_pad=4, flip="alternating", cutout=8, cutout_p=1.0)

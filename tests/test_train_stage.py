@@ -46,7 +46,7 @@ def test_mlflow_run_train_tracks_and_registers(tiny_cifar, tmp_path):
     assert run.info.status == "FINISHED"
     params = run.data.params
     assert params["model.name"] == "resnet_small" and params["train.epochs"] == "2"
-    assert params["optim.lr"] == "0.1" and int(params["parameters"]) == 272_474
+    assert params["recipe"] == "best" and params["optim.lr"] == "0.2" and int(params["parameters"]) == 272_474
     assert {"device", "torch_version", "cuda_version", "git_commit"} <= set(params)
     assert len(params["data_md5.data_batch_1"]) == 32
     for key in EPOCH_METRICS:

@@ -493,6 +493,7 @@ class TensorLoader:
         drop_last: bool = False,
         augment: BatchAugment | None = None,
         seed: int = 0,
+        repeats: int = 1,
     ):
         images = torch.as_tensor(images)
         if images.ndim != 4 or images.dtype != torch.uint8:
@@ -510,15 +511,21 @@ class TensorLoader:
         self.drop_last = drop_last
         self.augment = augment
         self.seed = seed
+        self.repeats = repeats
         self.epoch = 0
+
+    @property
+    def num_images(self) -> int:
+        """Images an epoch shows: every image ``repeats`` times, each with fresh augmentation."""
+        return len(self.labels) * self.repeats
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
         if self.drop_last:
-            return len(self.labels) // self.batch_size
-        return math.ceil(len(self.labels) / self.batch_size)
+            return self.num_images // self.batch_size
+        return math.ceil(self.num_images / self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         return self.iter_epoch(self.epoch)
@@ -526,9 +533,10 @@ class TensorLoader:
     def iter_epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         generator = torch.Generator(device=self.images.device)
         generator.manual_seed(derive_seed(self.seed, epoch, _SHUFFLE))
-        size = len(self.labels)
+        size = self.num_images
         order = (torch.randperm(size, generator=generator, device=self.images.device)
                  if self.shuffle else torch.arange(size, device=self.images.device))
+        order = order % len(self.labels)
         for batch in range(len(self)):
             indices = order[batch * self.batch_size:(batch + 1) * self.batch_size]
             x = self.images[indices]

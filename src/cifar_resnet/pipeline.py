@@ -4,13 +4,16 @@ stage hands in a logger and a checkpoint folder."""
 
 from __future__ import annotations
 
+import copy
+import time
 from pathlib import Path
 from typing import Callable, Iterable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from . import augment, data, engine
+from . import data, engine
 from .config import ConfigError, ModelSettings, TrainSettings
 from .gpu_augment import BatchAugment
 from .models import ImageClassifier, build_model, count_parameters
@@ -37,14 +40,17 @@ def train_batches(settings: TrainSettings, splits: data.CifarSplits,
     if settings.data.loader == "tensor":
         aug = BatchAugment(**settings.augment.tensor) if settings.augment.tensor else None
         loader = data.TensorLoader(images, labels, batch_size, device, shuffle=True,
-                                   drop_last=drop_last, augment=aug, seed=settings.seed)
+                                   drop_last=drop_last, augment=aug, seed=settings.seed,
+                                   repeats=settings.data.repeats)
 
         def tensor_epoch(epoch: int):
             loader.set_epoch(epoch)
             return loader
 
         return tensor_epoch
-    transform = augment.build_train_transform(settings.augment.name, **settings.augment.params)
+    from .augment import build_train_transform  # Albumentations: only on this path
+
+    transform = build_train_transform(settings.augment.name, **settings.augment.params)
 
     def loader_epoch(epoch: int):
         return data.make_loader(images, labels, batch_size, transform=transform,
@@ -53,6 +59,14 @@ def train_batches(settings: TrainSettings, splits: data.CifarSplits,
                                 epoch=epoch)
 
     return loader_epoch
+
+
+def configure_backend(device: torch.device) -> None:
+    # Fixed input shapes: let cuDNN pick the fastest kernels once.
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
 
 
 def build_parts(settings: TrainSettings, net: nn.Module, mean, std, steps_per_epoch: int,
@@ -95,3 +109,70 @@ def run_fit(settings: TrainSettings, splits: data.CifarSplits, parts: engine.Tra
         patience=t.patience, eval_batch_size=t.eval_batch_size, channels_last=t.channels_last,
         compile=t.compile, checkpoint_dir=checkpoint_dir, checkpoint_extra=checkpoint_extra,
         logger=logger, progress=t.progress)
+
+
+def test_chosen_checkpoint(settings: TrainSettings, splits: data.CifarSplits,
+                           parts: engine.TrainingParts, checkpoint_dir: Path,
+                           device: torch.device) -> tuple[dict, torch.Tensor]:
+    """Load the checkpoint chosen on validation and read the test set, once.
+
+    Returns the summary metrics and the test logits (for the reports)."""
+    parts.load_state_dict(engine.load_checkpoint(checkpoint_dir / "best.pt")["parts"])
+    model = parts.eval_model()
+    t = settings.train
+    amp = engine.autocast_dtype(t.precision, device)
+    test_loss, test_acc, logits = engine.evaluate(model, splits.test_images, splits.test_labels,
+                                                  device, batch_size=t.eval_batch_size,
+                                                  amp_dtype=amp)
+    summary = {"test_acc": test_acc, "test_loss": test_loss}
+    if t.tta != "none":
+        from .gpu_augment import tta_views
+
+        _, summary["test_acc_tta"], _ = engine.evaluate(
+            model, splits.test_images, splits.test_labels, device,
+            batch_size=t.eval_batch_size, amp_dtype=amp, views=tta_views(t.tta))
+    return summary, logits
+
+
+def measure_images_per_second(model: nn.Module, batch_size: int, device: torch.device,
+                              amp_dtype: torch.dtype | None, steps: int = 2) -> float:
+    """Forward+backward speed of a throw-away copy of ``model`` on random pixels."""
+    probe = copy.deepcopy(model).to(device).train()
+    x = torch.randint(0, 256, (batch_size, 3, 32, 32), dtype=torch.uint8, device=device)
+    x = x.contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (batch_size,), device=device)
+
+    def step() -> None:
+        with engine.autocast(device, amp_dtype):
+            loss = F.cross_entropy(probe(x), y)
+        loss.backward()
+
+    step()  # warm-up: allocator, kernel choice
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return steps * batch_size / (time.perf_counter() - start)
+
+
+def long_run_warning(settings: TrainSettings, train_images: int, net: nn.Module, mean, std,
+                     device: torch.device, hours_limit: float = 1.0) -> str | None:
+    """A warning with an estimate when the training would take hours here.
+
+    Only runs the probe for big jobs, so smoke runs and tests start at once."""
+    t = settings.train
+    planned = t.epochs * train_images * settings.data.repeats
+    if planned < 1_000_000:
+        return None
+    rate = measure_images_per_second(ImageClassifier(net, mean, std), t.batch_size, device,
+                                     engine.autocast_dtype(t.precision, device))
+    hours = planned / rate / 3600
+    if hours < hours_limit:
+        return None
+    advice = ("for a shorter run use recipe=fast (mlflow run . -e train -P overrides=recipe=fast)"
+              if settings.recipe != "fast" else "fewer epochs (train.epochs=N) shorten it")
+    return (f"warning: {t.epochs} epochs of {settings.model.name} on {device} will take about "
+            f"{hours:.1f} hours ({rate:.0f} images/s measured here); {advice}")

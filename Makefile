@@ -25,5 +25,9 @@ train: setup
 test: setup
 	$(BIN)/python -m pytest
 
+# CPU training throughput of every model: the project's loop against a plain reference loop.
+bench: setup
+	$(BIN)/python scripts/bench_throughput.py
+
 clean:
 	rm -rf checkpoints outputs multirun .pytest_cache

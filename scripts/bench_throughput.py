@@ -1,0 +1,106 @@
+"""Training throughput of every zoo model: the project's loop against a plain reference loop.
+
+    python scripts/bench_throughput.py --images 2048 --batch-size 256
+
+Both loops train the same network on the same CIFAR-10 images in this process,
+one after the other, and the ratio is what the project's choices buy here:
+- project: the whole uint8 set in memory (TensorLoader), batched crop/flip/cutout,
+  channels_last, bf16 autocast, foreach SGD, metrics read once per pass;
+- reference: torchvision's CIFAR10 dataset with per-image PIL transforms
+  (RandomCrop(32, 4, reflect), RandomHorizontalFlip, ToTensor, Normalize),
+  a DataLoader, fp32, default memory format, loss read every step.
+The first batches of each pass are warm-up and not timed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+import torchvision  # noqa: E402
+from torchvision import transforms as T  # noqa: E402
+
+from cifar_resnet import data, engine  # noqa: E402
+from cifar_resnet.gpu_augment import BatchAugment  # noqa: E402
+from cifar_resnet.models import MODELS, ImageClassifier, build_model, count_parameters  # noqa: E402
+
+WARMUP_BATCHES = 2
+
+
+def project_images_per_second(name: str, images, labels, batch_size: int, mean, std) -> float:
+    model = ImageClassifier(build_model(name), mean, std).to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True,
+                                foreach=True)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    augment = BatchAugment(crop_pad=4, flip="random", cutout=8)
+    loader = data.TensorLoader(images, labels, batch_size, "cpu", shuffle=True, drop_last=True,
+                               augment=augment)
+    device = torch.device("cpu")
+    warmup = data.TensorLoader(images[: batch_size * WARMUP_BATCHES],
+                               labels[: batch_size * WARMUP_BATCHES], batch_size, "cpu")
+    for batches in (warmup, loader):
+        result = engine.train_one_epoch(model, batches, optimizer, scheduler, device,
+                                        label_smoothing=0.1, amp_dtype=torch.bfloat16)
+    return result.images_per_second
+
+
+def reference_images_per_second(name: str, root: Path, count: int, batch_size: int, mean,
+                                std, workers: int) -> float:
+    transform = T.Compose([T.RandomCrop(32, padding=4, padding_mode="reflect"),
+                           T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(mean, std)])
+    dataset = torchvision.datasets.CIFAR10(str(root), train=True, transform=transform)
+    subset = torch.utils.data.Subset(dataset, range(count + batch_size * WARMUP_BATCHES))
+    loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, shuffle=True,
+                                         drop_last=True, num_workers=workers)
+    model = build_model(name)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True)
+    model.train()
+    seen, start = 0, None
+    for step, (x, y) in enumerate(loader):
+        if step == WARMUP_BATCHES:
+            seen, start = 0, time.perf_counter()
+        loss = F.cross_entropy(model(x), y, label_smoothing=0.1)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        loss.item()  # the usual per-step read of the loss
+        seen += len(y)
+    return seen / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--images", type=int, default=2048, help="timed images per loop")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--workers", type=int, default=2, help="reference DataLoader workers")
+    parser.add_argument("--models", nargs="+", default=sorted(MODELS))
+    parser.add_argument("--root", default=os.environ.get("CIFAR10_ROOT", "./data"))
+    args = parser.parse_args()
+
+    root = data.resolve_root(args.root)
+    images, labels = data.load_cifar10(root, train=True)
+    images, labels = images[: args.images], labels[: args.images]
+    mean, std = data.channel_mean_std(images)
+    print(f"# {time.strftime('%Y-%m-%d %H:%M')} | {platform.processor() or platform.machine()}, "
+          f"{os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads | "
+          f"{args.images} images, batch {args.batch_size}")
+    print("| model | parameters | project loop (img/s) | reference loop (img/s) | ratio |")
+    print("|---|---:|---:|---:|---:|")
+    for name in args.models:
+        ours = project_images_per_second(name, images, labels, args.batch_size, mean, std)
+        ref = reference_images_per_second(name, root, args.images - args.batch_size * WARMUP_BATCHES,
+                                          args.batch_size, mean, std, args.workers)
+        print(f"| {name} | {count_parameters(build_model(name)):,} | {ours:.0f} | {ref:.0f} | "
+              f"{ours / ref:.2f}x |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -166,3 +166,90 @@ def flatten(values: dict, prefix: str = "") -> dict[str, Any]:
         else:
             flat[name] = value
     return flat
+
+
+# --------------------------------------------------------------------------- other stages
+# tune and finetune add a section to the train config; eval_tta, promote and report
+# have small configs of their own. Each section is typed here, once, like train's.
+
+PRUNERS = ("median", "percentile", "hyperband", "successive_halving", "threshold", "none")
+SEARCH_TYPES = ("float", "int", "categorical")
+
+
+@dataclass(frozen=True)
+class TuneSettings:
+    study_name: str
+    storage: str
+    space: dict[str, Any] | None = None
+    n_trials: int = 20
+    timeout: float | None = None
+    epochs: int = 10
+    max_failed_trials: int = 5
+    sampler_seed: int = 0
+    startup_trials: int = 5
+    pruner: str = "median"
+    pruners: dict[str, dict[str, Any]] = field(default_factory=dict)
+    heartbeat_interval: int | None = 60
+    grace_period: int | None = None
+
+    def __post_init__(self):
+        _as_text(self, "study_name", "storage")
+        if self.n_trials < 1 or self.epochs < 1 or self.max_failed_trials < 1:
+            raise ConfigError("tune.n_trials, tune.epochs and tune.max_failed_trials must be "
+                              f"positive, got {self.n_trials}, {self.epochs}, "
+                              f"{self.max_failed_trials}")
+        if self.timeout is not None and self.timeout <= 0:
+            raise ConfigError(f"tune.timeout must be positive seconds or null, got {self.timeout}")
+        if self.pruner not in PRUNERS:
+            raise ConfigError(f"tune.pruner must be one of {', '.join(PRUNERS)}, "
+                              f"got {self.pruner!r}")
+        if not self.study_name or not self.storage:
+            raise ConfigError("tune.study_name and tune.storage must not be empty")
+
+
+@dataclass(frozen=True)
+class FinetuneSettings:
+    model_uri: str
+    from_study: str | None = None
+    storage: str = "sqlite:///optuna.db"
+
+    def __post_init__(self):
+        _as_text(self, "model_uri", "from_study", "storage")
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    model_uri: str
+    device: str = "auto"
+    precision: str = "auto"
+    batch_size: int = 500
+
+    def __post_init__(self):
+        _as_text(self, "model_uri")
+        if self.batch_size < 1:
+            raise ConfigError(f"eval.batch_size must be positive, got {self.batch_size}")
+
+
+@dataclass(frozen=True)
+class PromoteSettings:
+    metric: str = "val_acc"
+    version: str | None = None
+    force: bool = False
+    alias: str = "champion"
+    previous_alias: str = "previous"
+
+    def __post_init__(self):
+        _as_text(self, "metric", "version", "alias", "previous_alias")
+
+
+def _as_text(settings, *names: str) -> None:
+    """Hydra reads `study_name=2024` as an int and `nan` as a float: names are text."""
+    for name in names:
+        value = getattr(settings, name)
+        if value is not None and not isinstance(value, str):
+            object.__setattr__(settings, name, str(value))
+
+
+def section_settings(cls, section: str, values: Any):
+    """One config section as ``cls``; unknown keys are an error, as in train_settings."""
+    return _build(cls, section, values)

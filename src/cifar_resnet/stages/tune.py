@@ -1,0 +1,58 @@
+"""`mlflow run . -e tune`: an Optuna study over the train config; each trial a
+nested MLflow run under this one.
+
+    python -m cifar_resnet.stages.tune tune.n_trials=30 tune.epochs=15
+    python -m cifar_resnet.stages.tune tune=seed tune.study_name=seed-space
+    python -m cifar_resnet.stages.tune recipe=fast tune.storage=postgresql://user@host/optuna
+"""
+
+from __future__ import annotations
+
+import hydra
+from omegaconf import DictConfig
+
+from .. import data, engine, tracking, tuning
+from ..config import TuneSettings, section_settings, to_container, train_settings
+from . import CONF_DIR, launch, report_user_errors
+
+
+@hydra.main(config_path=CONF_DIR, config_name="tune", version_base="1.3")
+@report_user_errors
+def main(cfg: DictConfig) -> None:
+    config = to_container(cfg)
+    tune_section = config.pop("tune")
+    settings = section_settings(TuneSettings, "tune", tune_section)
+    base = train_settings(config)  # the trials' common config, checked once
+    space = tuning.parse_space(settings.space, config)
+    device = engine.resolve_device(base.train.device)
+    d = base.data
+    splits = tuning.without_test_set(data.load_splits(
+        d.root, val_size=d.val_size, train_subset=d.train_subset, seed=d.split_seed,
+        download=d.download, expected_md5=data.read_md5_file(d.md5_file) if d.md5_file else None))
+    objective = tuning.Objective(config, space, splits, device, settings.epochs)
+    study = tuning.open_study(settings)
+
+    with tracking.training_run(base.experiment_name, run_name=f"tune {settings.study_name}",
+                               tags=tuning.study_tags(settings)) as run:
+        print(f"MLflow run {run.info.run_id} (experiment {run.info.experiment_id}); "
+              f"study {settings.study_name!r} in {tuning.describe_storage(settings.storage)}",
+              flush=True)
+        storage = tuning.describe_storage(settings.storage)  # no password in params or YAML
+        tracking.log_config({**config, "tune": {**tune_section, "storage": storage}},
+                            {"device": str(device), "train_images": len(splits.train_labels),
+                             "val_images": len(splits.val_labels)})
+        ran = tuning.optimize(study, objective, settings)
+        summary = tuning.log_summary(study)
+        tracking.log_metrics({"trials_run": ran})
+    counts = ", ".join(f"{summary[k]} {k.removeprefix('trials_')}"
+                       for k in ("trials_complete", "trials_pruned", "trials_failed",
+                                 "trials_running"))
+    print(f"study {settings.study_name!r}: {counts} ({ran} run here)", flush=True)
+    if "best_value" in summary:
+        print(f"best: trial {summary['best_trial']} val_acc {summary['best_value']:.4f} "
+              f"{summary['best_params']}", flush=True)
+
+
+if __name__ == "__main__":
+    launch(main, aliases={"n_trials": "tune.n_trials", "epochs": "tune.epochs",
+                          "study_name": "tune.study_name", "storage": "tune.storage"})

@@ -73,3 +73,26 @@ def test_unknown_optimizer_and_schedule():
     opt = build_optimizer([w], "sgd", lr=0.1, weight_decay=0.0)
     with pytest.raises(ValueError, match="unknown schedule"):
         build_scheduler(opt, "step", max_lr=0.1, total_steps=10)
+
+
+@pytest.mark.parametrize("total_steps", [3, 4, 8])
+def test_onecycle_survives_tiny_runs(total_steps):
+    w = torch.nn.Parameter(torch.zeros(1))
+    opt = build_optimizer([w], "sgd", lr=0.1, weight_decay=0.0)
+    sched = build_scheduler(opt, "onecycle", max_lr=0.1, total_steps=total_steps, pct_start=0.25)
+    lrs = []
+    for _ in range(total_steps):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] < max(lrs) <= 0.1 and lrs[-1] < max(lrs)
+
+
+def test_lookahead_reset_takes_the_current_weights():
+    w = torch.nn.Parameter(torch.tensor([1.0]))
+    la = Lookahead([w], k=1, alpha=0.5)
+    with torch.no_grad():
+        w.fill_(5.0)  # e.g. weights loaded to fine-tune from
+    la.reset()
+    la.step()
+    assert w.item() == 5.0

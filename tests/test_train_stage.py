@@ -171,7 +171,7 @@ def test_one_short_epoch_on_real_cifar(cifar_root, tmp_path):
     env = stage_env(tmp_path)
     make_experiment(tmp_path, "tests")
     args = [
-        f"data.root={cifar_root}", "data.train_subset=1000", "data.val_size=500",
+        "~recipe", f"data.root={cifar_root}", "data.train_subset=1000", "data.val_size=500",
         "data.num_workers=0", "model=resnet_small", "train.epochs=1", "train.batch_size=128",
         "train.progress=false", f"train.checkpoint_dir={tmp_path}/checkpoints",
         "experiment_name=tests", "registry.register=false"]

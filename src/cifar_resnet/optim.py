@@ -55,6 +55,10 @@ class Lookahead:
             raise ValueError(f"Lookahead needs k >= 1 and 0 < alpha <= 1, got k={k}, alpha={alpha}")
         self.params = [p for p in params if p.requires_grad]
         self.k, self.alpha = k, alpha
+        self.reset()
+
+    def reset(self) -> None:
+        """Take the current weights as the slow ones (after loading weights to start from)."""
         self.slow = [p.detach().clone() for p in self.params]
         self.fast_steps = 0
 
@@ -129,6 +133,10 @@ def build_scheduler(
 ) -> torch.optim.lr_scheduler.LRScheduler:
     """Per-batch schedules. ``onecycle`` is OneCycleLR; ``constant`` keeps max_lr."""
     if name == "onecycle":
+        # OneCycleLR divides by the warm-up's length in steps: keep at least one step
+        # in each phase, so tiny runs (tests, smoke runs) do not crash.
+        if total_steps >= 3:
+            pct_start = min(max(pct_start, 1.5 / total_steps), 1 - 1.5 / total_steps)
         # Momentum cycling fights Nesterov-SGD's fixed momentum of the seed recipe
         # and does not exist for Adam's betas in the same form: keep it off.
         return torch.optim.lr_scheduler.OneCycleLR(

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import platform
+import sys
 from pathlib import Path
 
 import hydra
@@ -15,7 +16,6 @@ import torch
 from omegaconf import DictConfig
 
 from .. import data, engine, pipeline, plots, tracking
-from ..augment import tta_views
 from ..config import ConfigError, TrainSettings, to_container, train_settings
 from ..models import count_parameters
 from ..serving import save_weights
@@ -47,8 +47,13 @@ def load_resume_checkpoint(config: dict, run_id: str) -> dict:
 
 def train_and_register(settings: TrainSettings, config: dict, *,
                        resume_checkpoint: dict | None = None,
-                       resume_run_id: str | None = None) -> dict:
-    """Everything that can fail on bad input fails before a run is created."""
+                       resume_run_id: str | None = None,
+                       initial_state_dict: dict | None = None,
+                       extra_tags: dict[str, str] | None = None) -> dict:
+    """Everything that can fail on bad input fails before a run is created.
+
+    finetune passes ``initial_state_dict`` (trained ImageClassifier weights to start
+    from) and ``extra_tags`` (lineage, set on the run and the registered version)."""
     net = pipeline.build_network(settings.model)
     device = engine.resolve_device(settings.train.device)
     splits = data.load_splits(settings.data.root, val_size=settings.data.val_size,
@@ -56,13 +61,24 @@ def train_and_register(settings: TrainSettings, config: dict, *,
                               seed=settings.data.split_seed, download=settings.data.download,
                               expected_md5=data.read_md5_file(settings.data.md5_file)
                               if settings.data.md5_file else None)
+    pipeline.configure_backend(device)
+    warning = pipeline.long_run_warning(settings, len(splits.train_labels), net, splits.mean,
+                                        splits.std, device)
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
     engine.seed_everything(settings.seed)
     batches = pipeline.train_batches(settings, splits, device)
     parts = pipeline.build_parts(settings, net, splits.mean, splits.std,
                                  pipeline.steps_per_epoch(batches), device)
-    amp = engine.autocast_dtype(settings.train.precision, device)
+    if initial_state_dict is not None and resume_checkpoint is None:
+        # Normalisation buffers included: the weights learnt with their source's mean/std.
+        parts.model.load_state_dict(initial_state_dict)
+        if parts.ema is not None:
+            parts.ema.module.load_state_dict(initial_state_dict)
+        if parts.lookahead is not None:
+            parts.lookahead.reset()  # else its slow weights would pull back to the random init
 
-    with tracking.training_run(settings.experiment_name, resume_run_id) as run:
+    with tracking.training_run(settings.experiment_name, resume_run_id, tags=extra_tags) as run:
         run_id = run.info.run_id
         print(f"MLflow run {run_id} (experiment {run.info.experiment_id})", flush=True)
         logger = tracking.EpochMetricLogger(run_id)
@@ -81,20 +97,11 @@ def train_and_register(settings: TrainSettings, config: dict, *,
                                  logger=logger)
 
         # The chosen checkpoint is the best on validation; the test set is read once, here.
-        best = engine.load_checkpoint(checkpoint_dir / "best.pt")
-        parts.load_state_dict(best["parts"])
+        tested, logits = pipeline.test_chosen_checkpoint(settings, splits, parts, checkpoint_dir,
+                                                         device)
         model = parts.eval_model()
-        test_loss, test_acc, logits = engine.evaluate(
-            model, splits.test_images, splits.test_labels, device,
-            batch_size=settings.train.eval_batch_size, amp_dtype=amp)
         summary = {"best_val_acc": state.best_val_acc, "best_epoch": state.best_epoch,
-                   "test_acc": test_acc, "test_loss": test_loss,
-                   "epochs_trained": state.epoch}
-        if settings.train.tta != "none":
-            _, summary["test_acc_tta"], _ = engine.evaluate(
-                model, splits.test_images, splits.test_labels, device,
-                batch_size=settings.train.eval_batch_size, amp_dtype=amp,
-                views=tta_views(settings.train.tta))
+                   "epochs_trained": state.epoch, **tested}
         tracking.log_metrics(summary)
         print(" | ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
                          for k, v in summary.items()), flush=True)
@@ -107,9 +114,11 @@ def train_and_register(settings: TrainSettings, config: dict, *,
         if settings.registry.register:
             version = tracking.register_model(
                 model_info.model_uri, settings.registry.model_name,
-                tags={"val_acc": f"{state.best_val_acc:.4f}", "test_acc": f"{test_acc:.4f}",
+                tags={"val_acc": f"{state.best_val_acc:.4f}",
+                      "test_acc": f"{summary['test_acc']:.4f}",
                       "run_id": run_id, "model": settings.model.name,
-                      "parameters": count_parameters(net), "epochs": state.epoch})
+                      "parameters": count_parameters(net), "epochs": state.epoch,
+                      **(extra_tags or {})})
             print(f"registered {settings.registry.model_name} version {version.version}",
                   flush=True)
     return summary

@@ -49,6 +49,29 @@ def training_run(experiment_name: str, resume_run_id: str | None = None,
         yield run
 
 
+@contextlib.contextmanager
+def nested_run(run_name: str, tags: dict | None = None) -> Iterator[mlflow.ActiveRun]:
+    """A child of the active run (a tuning trial under its study's run)."""
+    with mlflow.start_run(run_name=run_name, nested=True, tags=tags) as run:
+        yield run
+
+
+def log_params(params: dict[str, Any]) -> None:
+    mlflow.log_params({k: _param_value(v) for k, v in params.items()})
+
+
+def set_tags(tags: dict[str, Any]) -> None:
+    mlflow.set_tags({k: str(v) for k, v in tags.items()})
+
+
+def close_killed_run(run_id: str, tags: dict[str, Any]) -> None:
+    """Tag and close the run of a process that died, which nobody else will close."""
+    client = MlflowClient()
+    for key, value in tags.items():
+        client.set_tag(run_id, key, str(value))
+    client.set_terminated(run_id, "KILLED")
+
+
 class EpochMetricLogger:
     """engine.EpochLogger that writes one MLflow step per epoch."""
 

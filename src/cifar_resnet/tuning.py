@@ -23,10 +23,8 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable
 
-import mlflow
 import optuna
 import torch
-from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from . import data, engine, pipeline, tracking
@@ -239,10 +237,8 @@ def mark_killed(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
     MLflow run too, which nobody else will."""
     run_id = trial.user_attrs.get(RUN_ID_ATTR)
     if run_id:
-        client = MlflowClient()
-        client.set_tag(run_id, STATE_TAG, "failed")
-        client.set_tag(run_id, "failure", "process killed (heartbeat stopped)")
-        client.set_terminated(run_id, "KILLED")
+        tracking.close_killed_run(run_id, {STATE_TAG: "failed",
+                                           "failure": "process killed (heartbeat stopped)"})
     print(f"trial {trial.number} of a killed process marked failed", flush=True)
 
 
@@ -272,10 +268,10 @@ class PruningLogger:
 
     def __init__(self, trial: optuna.Trial, run_id: str):
         self.trial = trial
-        self.mlflow = tracking.EpochMetricLogger(run_id)
+        self.run_metrics = tracking.EpochMetricLogger(run_id)
 
     def log_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
-        self.mlflow.log_epoch(epoch, metrics)
+        self.run_metrics.log_epoch(epoch, metrics)
         self.trial.report(metrics["val_acc"], step=epoch)
         if self.trial.should_prune():
             raise optuna.TrialPruned(f"pruned after epoch {epoch} "
@@ -314,25 +310,25 @@ class Objective:
         params = {p.key: p.suggest(trial) for p in self.space}
         settings = train_settings(with_values(self.config, {**params, "train.epochs": self.epochs}))
         pruned = None
-        with mlflow.start_run(run_name=f"trial {trial.number}", nested=True,
-                              tags={"optuna.trial_number": trial.number}) as run:
+        with tracking.nested_run(f"trial {trial.number}",
+                                 tags={"optuna.trial_number": trial.number}) as run:
             trial.set_user_attr(RUN_ID_ATTR, run.info.run_id)
-            mlflow.log_params({**params, "trial_number": trial.number,
-                               "train.epochs": self.epochs})
+            tracking.log_params({**params, "trial_number": trial.number,
+                                 "train.epochs": self.epochs})
             try:
                 state = fit_trial(settings, self.splits, self.device,
                                   PruningLogger(trial, run.info.run_id))
             except optuna.TrialPruned as err:
                 pruned = err
-                mlflow.set_tag(STATE_TAG, "pruned")
+                tracking.set_tags({STATE_TAG: "pruned"})
             except Exception as err:
-                mlflow.set_tag(STATE_TAG, "failed")
-                mlflow.set_tag("failure", f"{type(err).__name__}: {err}"[:5000])
+                tracking.set_tags({STATE_TAG: "failed",
+                                   "failure": f"{type(err).__name__}: {err}"[:5000]})
                 raise  # the run ends FAILED; Optuna records FAIL (TRIAL_FAILURES) or stops
             else:
-                mlflow.set_tag(STATE_TAG, "complete")
-                mlflow.log_metrics({"best_val_acc": state.best_val_acc,
-                                    "best_epoch": state.best_epoch})
+                tracking.set_tags({STATE_TAG: "complete"})
+                tracking.log_metrics({"best_val_acc": state.best_val_acc,
+                                      "best_epoch": state.best_epoch})
         if pruned is not None:
             raise pruned
         return state.best_val_acc
@@ -391,8 +387,8 @@ def log_summary(study: optuna.Study) -> dict[str, Any]:
         best = study.best_trial
         summary.update(best_value=best.value, best_trial=best.number, best_params=best.params)
         tracking.log_metrics({"best_val_acc": best.value, "best_trial": best.number})
-        mlflow.log_params({f"best.{k}": v for k, v in best.params.items()})
-        mlflow.set_tags({"best_trial": best.number,
+        tracking.log_params({f"best.{k}": v for k, v in best.params.items()})
+        tracking.set_tags({"best_trial": best.number,
                          "best_trial_run_id": best.user_attrs.get(RUN_ID_ATTR, "")})
         tracking.log_text(json.dumps({"value": best.value, "trial": best.number,
                                       "params": best.params}, indent=2), "best_params.json")

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import torch  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 
-from cifar_resnet import data, engine, pipeline  # noqa: E402
+from cifar_resnet import engine, pipeline  # noqa: E402
 from cifar_resnet.config import train_settings  # noqa: E402
 from cifar_resnet.models import count_parameters  # noqa: E402
 from cifar_resnet.stages import CONF_DIR  # noqa: E402
@@ -46,9 +46,7 @@ def run_once(overrides: list[str], seed: int, splits_cache: dict) -> dict:
     d = settings.data
     key = (d.root, d.val_size, d.train_subset, d.split_seed)
     if key not in splits_cache:
-        splits_cache[key] = data.load_splits(d.root, val_size=d.val_size,
-                                             train_subset=d.train_subset, seed=d.split_seed,
-                                             download=d.download)
+        splits_cache[key] = pipeline.load_data(d)
     splits = splits_cache[key]
     device = engine.resolve_device(settings.train.device)
     pipeline.configure_backend(device)

@@ -71,7 +71,9 @@ def test_mlflow_run_train_tracks_and_registers(tiny_cifar, tmp_path):
     from cifar_resnet.models import ImageClassifier, build_model
 
     model = ImageClassifier(build_model("resnet_small"), (0, 0, 0), (1, 1, 1))
-    model.load_state_dict(checkpoint["parts"]["model"])
+    # The chosen weights are the EMA's when the recipe keeps one (the default, best, does).
+    parts = checkpoint["parts"]
+    model.load_state_dict(parts["ema"]["module"] if "ema" in parts else parts["model"])
     expected = engine.predict_logits(model, images, torch.device("cpu")).argmax(1).numpy()
     np.testing.assert_array_equal(predicted_classes(pyfunc.predict(images)), expected)
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import data, engine
-from .config import ConfigError, ModelSettings, TrainSettings
+from .config import ConfigError, DataSettings, ModelSettings, TrainSettings
 from .gpu_augment import BatchAugment
 from .models import ImageClassifier, build_model, count_parameters
 from .optim import Lookahead, ModelEMA, build_optimizer, build_scheduler, param_groups
@@ -28,6 +28,14 @@ def build_network(settings: ModelSettings, num_classes: int = 10) -> nn.Module:
         raise ConfigError(f"model {settings.name} has {params:,} parameters, over the limit "
                           f"model.max_params={settings.max_params:,}")
     return net
+
+
+def load_data(settings: DataSettings) -> data.CifarSplits:
+    """The verified splits that ``settings`` describe (train, validation, test)."""
+    return data.load_splits(
+        settings.root, val_size=settings.val_size, train_subset=settings.train_subset,
+        seed=settings.split_seed, download=settings.download,
+        expected_md5=data.read_md5_file(settings.md5_file) if settings.md5_file else None)
 
 
 def train_batches(settings: TrainSettings, splits: data.CifarSplits,

@@ -56,11 +56,7 @@ def train_and_register(settings: TrainSettings, config: dict, *,
     from) and ``extra_tags`` (lineage, set on the run and the registered version)."""
     net = pipeline.build_network(settings.model)
     device = engine.resolve_device(settings.train.device)
-    splits = data.load_splits(settings.data.root, val_size=settings.data.val_size,
-                              train_subset=settings.data.train_subset,
-                              seed=settings.data.split_seed, download=settings.data.download,
-                              expected_md5=data.read_md5_file(settings.data.md5_file)
-                              if settings.data.md5_file else None)
+    splits = pipeline.load_data(settings.data)
     pipeline.configure_backend(device)
     warning = pipeline.long_run_warning(settings, len(splits.train_labels), net, splits.mean,
                                         splits.std, device)

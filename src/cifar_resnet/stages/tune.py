@@ -11,7 +11,7 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
-from .. import data, engine, tracking, tuning
+from .. import engine, pipeline, tracking, tuning
 from ..config import TuneSettings, section_settings, to_container, train_settings
 from . import CONF_DIR, launch, report_user_errors
 
@@ -25,10 +25,7 @@ def main(cfg: DictConfig) -> None:
     base = train_settings(config)  # the trials' common config, checked once
     space = tuning.parse_space(settings.space, config)
     device = engine.resolve_device(base.train.device)
-    d = base.data
-    splits = tuning.without_test_set(data.load_splits(
-        d.root, val_size=d.val_size, train_subset=d.train_subset, seed=d.split_seed,
-        download=d.download, expected_md5=data.read_md5_file(d.md5_file) if d.md5_file else None))
+    splits = tuning.without_test_set(pipeline.load_data(base.data))
     objective = tuning.Objective(config, space, splits, device, settings.epochs)
     study = tuning.open_study(settings)
 

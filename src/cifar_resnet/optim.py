@@ -8,6 +8,8 @@ AMP GradScaler keep talking to a plain torch optimiser.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
@@ -89,12 +91,14 @@ class ModelEMA:
     """
 
     def __init__(self, model: nn.Module, decay: float = 0.999, warmup_steps: int = 0):
-        import copy
-
         self.module = copy.deepcopy(model).eval()
         for p in self.module.parameters():
             p.requires_grad_(False)
         self.decay, self.warmup_steps, self.updates = decay, warmup_steps, 0
+        # Tensors are updated in place (optimizer steps, BN statistics, load_state_dict),
+        # so both sides' lists are built once, not on every step.
+        self._averaged = _float_and_other_tensors(self.module)
+        self._source: tuple[nn.Module, list, list] | None = None
 
     def current_decay(self) -> float:
         if self.updates <= self.warmup_steps:
@@ -103,15 +107,15 @@ class ModelEMA:
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
+        if self._source is None or self._source[0] is not model:
+            self._source = (model, *_float_and_other_tensors(model))
         self.updates += 1
-        d = self.current_decay()
-        ema = [t for t in self.module.state_dict().values() if t.dtype.is_floating_point]
-        live = [t for t in model.state_dict().values() if t.dtype.is_floating_point]
-        torch._foreach_lerp_(ema, live, 1.0 - d)
+        ema_floats, ema_others = self._averaged
+        _, live_floats, live_others = self._source
+        torch._foreach_lerp_(ema_floats, live_floats, 1.0 - self.current_decay())
         # Integer buffers (BN's num_batches_tracked) are copied, not averaged.
-        for e, m in zip(self.module.state_dict().values(), model.state_dict().values()):
-            if not e.dtype.is_floating_point:
-                e.copy_(m)
+        for e, m in zip(ema_others, live_others):
+            e.copy_(m)
 
     def state_dict(self) -> dict:
         return {"module": self.module.state_dict(), "updates": self.updates}
@@ -119,6 +123,12 @@ class ModelEMA:
     def load_state_dict(self, state: dict) -> None:
         self.module.load_state_dict(state["module"])
         self.updates = state["updates"]
+
+
+def _float_and_other_tensors(module: nn.Module) -> tuple[list, list]:
+    tensors = list(module.state_dict().values())
+    return ([t for t in tensors if t.dtype.is_floating_point],
+            [t for t in tensors if not t.dtype.is_floating_point])
 
 
 def build_scheduler(

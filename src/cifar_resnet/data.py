@@ -356,6 +356,16 @@ def reseed_transform(transform: object, seed: int) -> None:
 # --------------------------------------------------------------------------- per-sample path
 
 
+def _check_images_and_labels(images, labels, repeats: int) -> None:
+    """The argument checks both training data paths share (numpy or torch images)."""
+    if images.ndim != 4 or images.dtype not in (np.uint8, torch.uint8):
+        raise ValueError(f"images must be uint8 NHWC, got {images.dtype} {tuple(images.shape)}")
+    if len(images) != len(labels):
+        raise ValueError(f"{len(images)} images but {len(labels)} labels")
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+
+
 class AugmentedDataset(Dataset):
     """uint8 NHWC images seen ``repeats`` times an epoch, each time freshly transformed.
 
@@ -370,12 +380,7 @@ class AugmentedDataset(Dataset):
         transform: Callable[[np.ndarray], np.ndarray] | None = None,
         repeats: int = 1,
     ):
-        if images.ndim != 4 or images.dtype != np.uint8:
-            raise ValueError(f"images must be uint8 NHWC, got {images.dtype} {images.shape}")
-        if len(images) != len(labels):
-            raise ValueError(f"{len(images)} images but {len(labels)} labels")
-        if repeats < 1:
-            raise ValueError(f"repeats must be >= 1, got {repeats}")
+        _check_images_and_labels(images, labels, repeats)
         self.images = images
         self.labels = np.asarray(labels, dtype=np.int64)
         self.transform = transform
@@ -496,10 +501,7 @@ class TensorLoader:
         repeats: int = 1,
     ):
         images = torch.as_tensor(images)
-        if images.ndim != 4 or images.dtype != torch.uint8:
-            raise ValueError(f"images must be uint8 NHWC, got {images.dtype} {tuple(images.shape)}")
-        if len(images) != len(labels):
-            raise ValueError(f"{len(images)} images but {len(labels)} labels")
+        _check_images_and_labels(images, labels, repeats)
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.device = torch.device(device)

@@ -54,7 +54,7 @@ def run_once(overrides: list[str], seed: int, splits_cache: dict) -> dict:
     net = pipeline.build_network(settings.model)
     start = time.perf_counter()
     batches = pipeline.train_batches(settings, splits, device)
-    parts = pipeline.build_parts(settings, net, splits.mean, splits.std,
+    parts = pipeline.build_parts(settings, net, splits,
                                  pipeline.steps_per_epoch(batches), device)
     with tempfile.TemporaryDirectory() as tmp:
         state = pipeline.run_fit(settings, splits, parts, batches, device,

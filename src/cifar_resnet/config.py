@@ -55,6 +55,9 @@ class OptimSettings:
     weight_decay: float = 5e-4
     lookahead_k: int = 0
     lookahead_alpha: float = 0.5
+    lookahead_ramp: bool = False  # alpha ramps from 1 to lookahead_alpha (cubic) over the run
+    norm_lr_scale: float = 1.0  # BatchNorm parameters train this many times faster
+    norm_decay: bool = False  # decay BatchNorm parameters too (at the weights' lr * wd)
 
 
 @dataclass(frozen=True)
@@ -152,8 +155,9 @@ def validate(s: TrainSettings) -> None:
                           "use data.loader=albumentations")
     if not 0.0 <= s.train.label_smoothing < 1.0:
         raise ConfigError(f"train.label_smoothing must be in [0, 1), got {s.train.label_smoothing}")
-    if s.optim.lr <= 0:
-        raise ConfigError(f"optim.lr must be positive, got {s.optim.lr}")
+    if s.optim.lr <= 0 or s.optim.norm_lr_scale <= 0:
+        raise ConfigError(f"optim.lr and optim.norm_lr_scale must be positive, "
+                          f"got {s.optim.lr} and {s.optim.norm_lr_scale}")
 
 
 def flatten(values: dict, prefix: str = "") -> dict[str, Any]:

@@ -23,6 +23,10 @@ def build_optimizer(
     nesterov: bool = True,
     betas: tuple[float, float] = (0.9, 0.999),
 ) -> torch.optim.Optimizer:
+    """A torch optimiser; a parameter group's ``lr_scale`` (see ``param_groups``) multiplies ``lr``."""
+    params = list(params)
+    if params and isinstance(params[0], dict):
+        params = [{**group, "lr": lr * group.get("lr_scale", 1.0)} for group in params]
     # foreach keeps the parameter update at a handful of kernel launches per step.
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=nesterov,
@@ -36,27 +40,50 @@ def build_optimizer(
     raise ValueError(f"unknown optimizer {name!r}; choose one of: sgd, adamw, adam")
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Decay conv and linear weights only: decaying BN scales and biases hurts small nets."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (decay if p.ndim > 1 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0}]
+NORM_LAYERS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+
+
+def param_groups(model: nn.Module, weight_decay: float, norm_lr_scale: float = 1.0,
+                 norm_decay: bool = False) -> list[dict]:
+    """Three groups: conv and linear weights (decayed), other biases (never decayed:
+    decaying them hurts small nets), and normalisation layers' parameters.
+
+    The last group's learning rate is ``norm_lr_scale`` times the base one: airbench trains
+    BatchNorm shifts 64x faster than the weights (its ablation: 94% in 18 epochs instead of
+    22). With ``norm_decay`` that group is decayed at the weights' per-step rate (lr * wd), so
+    its weight decay is divided by the same scale; without, it is not decayed.
+    """
+    weights, biases, norms = [], [], []
+    for module in model.modules():
+        for p in module.parameters(recurse=False):
+            if not p.requires_grad:
+                continue
+            if isinstance(module, NORM_LAYERS):
+                norms.append(p)
+            else:
+                (weights if p.ndim > 1 else biases).append(p)
+    groups = [{"params": weights, "weight_decay": weight_decay, "lr_scale": 1.0},
+              {"params": biases, "weight_decay": 0.0, "lr_scale": 1.0},
+              {"params": norms, "lr_scale": norm_lr_scale,
+               "weight_decay": weight_decay / norm_lr_scale if norm_decay else 0.0}]
+    return [g for g in groups if g["params"]]
 
 
 class Lookahead:
     """Lookahead (Zhang et al., 2019): every k fast steps, slow += alpha * (fast - slow), fast = slow.
 
+    With ``ramp_steps`` > 0 the pull starts off and grows as airbench's does: at step t,
+    alpha_t = 1 - (1 - alpha) * min(t / ramp_steps, 1) ** 3. Early in training (alpha_t ~ 1)
+    the fast weights move freely; near the end the slow weights average over more steps.
     Call ``step()`` right after the base optimiser's step.
     """
 
-    def __init__(self, params, k: int = 5, alpha: float = 0.5):
-        if k < 1 or not 0.0 < alpha <= 1.0:
-            raise ValueError(f"Lookahead needs k >= 1 and 0 < alpha <= 1, got k={k}, alpha={alpha}")
+    def __init__(self, params, k: int = 5, alpha: float = 0.5, ramp_steps: int = 0):
+        if k < 1 or not 0.0 < alpha <= 1.0 or ramp_steps < 0:
+            raise ValueError(f"Lookahead needs k >= 1, 0 < alpha <= 1 and ramp_steps >= 0, "
+                             f"got k={k}, alpha={alpha}, ramp_steps={ramp_steps}")
         self.params = [p for p in params if p.requires_grad]
-        self.k, self.alpha = k, alpha
+        self.k, self.alpha, self.ramp_steps = k, alpha, ramp_steps
         self.reset()
 
     def reset(self) -> None:
@@ -64,13 +91,19 @@ class Lookahead:
         self.slow = [p.detach().clone() for p in self.params]
         self.fast_steps = 0
 
+    def current_alpha(self) -> float:
+        if not self.ramp_steps:
+            return self.alpha
+        progress = min(self.fast_steps / self.ramp_steps, 1.0)
+        return 1.0 - (1.0 - self.alpha) * progress**3
+
     @torch.no_grad()
     def step(self) -> None:
         self.fast_steps += 1
         if self.fast_steps % self.k:
             return
         fast = [p.data for p in self.params]
-        torch._foreach_lerp_(self.slow, fast, self.alpha)
+        torch._foreach_lerp_(self.slow, fast, self.current_alpha())
         torch._foreach_copy_(fast, self.slow)
 
     def state_dict(self) -> dict:
@@ -142,6 +175,8 @@ def build_scheduler(
     final_div_factor: float = 1e4,
 ) -> torch.optim.lr_scheduler.LRScheduler:
     """Per-batch schedules. ``onecycle`` is OneCycleLR; ``constant`` keeps max_lr."""
+    # Groups with an lr_scale (see param_groups) peak at max_lr times that scale.
+    max_lrs = [max_lr * group.get("lr_scale", 1.0) for group in optimizer.param_groups]
     if name == "onecycle":
         # OneCycleLR divides by the warm-up's length in steps: keep at least one step
         # in each phase, so tiny runs (tests, smoke runs) do not crash.
@@ -150,7 +185,7 @@ def build_scheduler(
         # Momentum cycling fights Nesterov-SGD's fixed momentum of the seed recipe
         # and does not exist for Adam's betas in the same form: keep it off.
         return torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=max_lr, total_steps=total_steps, pct_start=pct_start,
+            optimizer, max_lr=max_lrs, total_steps=total_steps, pct_start=pct_start,
             anneal_strategy=anneal_strategy, div_factor=div_factor,
             final_div_factor=final_div_factor, cycle_momentum=False)
     if name == "constant":

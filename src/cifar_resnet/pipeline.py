@@ -77,24 +77,28 @@ def configure_backend(device: torch.device) -> None:
         torch.backends.cudnn.allow_tf32 = True
 
 
-def build_parts(settings: TrainSettings, net: nn.Module, mean, std, steps_per_epoch: int,
-                device: torch.device) -> engine.TrainingParts:
-    model = ImageClassifier(net, mean, std).to(device)
+def build_parts(settings: TrainSettings, net: nn.Module, splits: data.CifarSplits,
+                steps_per_epoch: int, device: torch.device) -> engine.TrainingParts:
+    model = ImageClassifier(net, splits.mean, splits.std).to(device)
+    # A data-dependent init (whitened_resnet's stem) sees unaugmented training images;
+    # airbench fits its whitening on 5,000 of them.
+    model.init_from_images(torch.as_tensor(splits.train_images[:5000]).permute(0, 3, 1, 2))
     if settings.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     o = settings.optim
-    optimizer = build_optimizer(param_groups(model, o.weight_decay), o.name, lr=o.lr,
-                                weight_decay=o.weight_decay, momentum=o.momentum,
-                                nesterov=o.nesterov, betas=o.betas)
+    groups = param_groups(model, o.weight_decay, o.norm_lr_scale, o.norm_decay)
+    optimizer = build_optimizer(groups, o.name, lr=o.lr, weight_decay=o.weight_decay,
+                                momentum=o.momentum, nesterov=o.nesterov, betas=o.betas)
     s = settings.schedule
-    scheduler = build_scheduler(optimizer, s.name, max_lr=o.lr,
-                                total_steps=settings.train.epochs * steps_per_epoch,
+    total_steps = settings.train.epochs * steps_per_epoch
+    scheduler = build_scheduler(optimizer, s.name, max_lr=o.lr, total_steps=total_steps,
                                 pct_start=s.pct_start, anneal_strategy=s.anneal_strategy,
                                 div_factor=s.div_factor, final_div_factor=s.final_div_factor)
     amp = engine.autocast_dtype(settings.train.precision, device)
     # fp16 needs loss scaling; bf16 has fp32's range and does not.
     scaler = torch.amp.GradScaler(device.type) if amp == torch.float16 else None
-    lookahead = Lookahead(model.parameters(), o.lookahead_k, o.lookahead_alpha) \
+    lookahead = Lookahead(model.parameters(), o.lookahead_k, o.lookahead_alpha,
+                          ramp_steps=total_steps if o.lookahead_ramp else 0) \
         if o.lookahead_k > 0 else None
     ema = ModelEMA(model, settings.train.ema_decay, warmup_steps=steps_per_epoch) \
         if settings.train.ema_decay > 0 else None

@@ -291,7 +291,7 @@ def fit_trial(settings: TrainSettings, splits: data.CifarSplits, device: torch.d
     engine.seed_everything(settings.seed)
     net = pipeline.build_network(settings.model)
     batches = pipeline.train_batches(settings, splits, device)
-    parts = pipeline.build_parts(settings, net, splits.mean, splits.std,
+    parts = pipeline.build_parts(settings, net, splits,
                                  pipeline.steps_per_epoch(batches), device)
     return pipeline.run_fit(settings, splits, parts, batches, device, logger=logger)
 

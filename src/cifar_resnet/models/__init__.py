@@ -11,6 +11,7 @@ from torch import nn
 
 from .resnet import resnet18_slim, resnet_small, se_resnet, seed_resnet
 from .resnet9 import resnet9
+from .whitened_resnet import whitened_resnet
 from .wide_resnet import wide_resnet
 
 __all__ = [
@@ -30,6 +31,7 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "wide_resnet": wide_resnet,
     "resnet_small": resnet_small,
     "resnet9": resnet9,
+    "whitened_resnet": whitened_resnet,
 }
 
 
@@ -121,7 +123,18 @@ class ImageClassifier(nn.Module):
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def normalise(self, x: torch.Tensor) -> torch.Tensor:
         # Follow the buffers' dtype so a wrapper cast with .to(dtype) feeds its net matching inputs.
         pixels = x.to(self.mean.dtype) / 255.0
-        return self.net((pixels - self.mean) / self.std)
+        return (pixels - self.mean) / self.std
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(self.normalise(x))
+
+    @torch.no_grad()
+    def init_from_images(self, images: torch.Tensor) -> None:
+        """Give a network with a data-dependent init (whitened_resnet's stem) these raw
+        training images; networks without one ignore the call."""
+        fit = getattr(self.net, "init_from_images", None)
+        if fit is not None:
+            fit(self.normalise(images.to(self.mean.device)))

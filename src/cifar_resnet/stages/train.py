@@ -64,7 +64,7 @@ def train_and_register(settings: TrainSettings, config: dict, *,
         print(warning, file=sys.stderr, flush=True)
     engine.seed_everything(settings.seed)
     batches = pipeline.train_batches(settings, splits, device)
-    parts = pipeline.build_parts(settings, net, splits.mean, splits.std,
+    parts = pipeline.build_parts(settings, net, splits,
                                  pipeline.steps_per_epoch(batches), device)
     if initial_state_dict is not None and resume_checkpoint is None:
         # Normalisation buffers included: the weights learnt with their source's mean/std.

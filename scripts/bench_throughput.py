@@ -1,6 +1,7 @@
 """Training throughput of every zoo model: the project's loop against a plain reference loop.
 
     python scripts/bench_throughput.py --images 2048 --batch-size 256
+    python scripts/bench_throughput.py --models whitened_resnet resnet9 --compile
 
 Both loops train the same network on the same CIFAR-10 images in this process,
 one after the other, and the ratio is what the project's choices buy here:
@@ -9,7 +10,8 @@ one after the other, and the ratio is what the project's choices buy here:
 - reference: torchvision's CIFAR10 dataset with per-image PIL transforms
   (RandomCrop(32, 4, reflect), RandomHorizontalFlip, ToTensor, Normalize),
   a DataLoader, fp32, default memory format, loss read every step.
-The first batches of each pass are warm-up and not timed.
+The first batches of each pass are warm-up and not timed. ``--compile`` adds a column:
+the project loop again under torch.compile (its compilation happens in the warm-up).
 """
 
 from __future__ import annotations
@@ -35,7 +37,8 @@ from cifar_resnet.models import MODELS, ImageClassifier, build_model, count_para
 WARMUP_BATCHES = 2
 
 
-def project_images_per_second(name: str, images, labels, batch_size: int, mean, std) -> float:
+def project_images_per_second(name: str, images, labels, batch_size: int, mean, std,
+                              compile: bool = False) -> float:
     model = ImageClassifier(build_model(name), mean, std).to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True,
                                 foreach=True)
@@ -46,8 +49,9 @@ def project_images_per_second(name: str, images, labels, batch_size: int, mean, 
     device = torch.device("cpu")
     warmup = data.TensorLoader(images[: batch_size * WARMUP_BATCHES],
                                labels[: batch_size * WARMUP_BATCHES], batch_size, "cpu")
+    train_model = torch.compile(model) if compile else model
     for batches in (warmup, loader):
-        result = engine.train_one_epoch(model, batches, optimizer, scheduler, device,
+        result = engine.train_one_epoch(train_model, batches, optimizer, scheduler, device,
                                         label_smoothing=0.1, amp_dtype=torch.bfloat16)
     return result.images_per_second
 
@@ -83,6 +87,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2, help="reference DataLoader workers")
     parser.add_argument("--models", nargs="+", default=sorted(MODELS))
     parser.add_argument("--root", default=os.environ.get("CIFAR10_ROOT", "./data"))
+    parser.add_argument("--compile", action="store_true", help="also time the project loop compiled")
     args = parser.parse_args()
 
     root = data.resolve_root(args.root)
@@ -92,14 +97,21 @@ def main() -> None:
     print(f"# {time.strftime('%Y-%m-%d %H:%M')} | {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads | "
           f"{args.images} images, batch {args.batch_size}")
-    print("| model | parameters | project loop (img/s) | reference loop (img/s) | ratio |")
-    print("|---|---:|---:|---:|---:|")
+    compiled_header = " compiled (img/s) |" if args.compile else ""
+    print(f"| model | parameters | project loop (img/s) |{compiled_header} reference loop (img/s) "
+          "| ratio |")
+    print("|---|---:|---:|" + ("---:|" if args.compile else "") + "---:|---:|")
     for name in args.models:
         ours = project_images_per_second(name, images, labels, args.batch_size, mean, std)
+        compiled = ""
+        if args.compile:
+            rate = project_images_per_second(name, images, labels, args.batch_size, mean, std,
+                                             compile=True)
+            compiled = f" {rate:.0f} |"
         ref = reference_images_per_second(name, root, args.images - args.batch_size * WARMUP_BATCHES,
                                           args.batch_size, mean, std, args.workers)
-        print(f"| {name} | {count_parameters(build_model(name)):,} | {ours:.0f} | {ref:.0f} | "
-              f"{ours / ref:.2f}x |", flush=True)
+        print(f"| {name} | {count_parameters(build_model(name)):,} | {ours:.0f} |{compiled} "
+              f"{ref:.0f} | {ours / ref:.2f}x |", flush=True)
 
 
 if __name__ == "__main__":

@@ -215,3 +215,43 @@ def test_resnet_small_memorises_a_tiny_random_batch():
     with torch.no_grad():
         accuracy = (model(pixels).argmax(dim=1) == labels).float().mean().item()
     assert accuracy == 1.0
+
+
+def test_whitened_resnet_stem_whitens_the_patches_it_was_fitted_on():
+    # Strongly correlated channels: every channel is the same noise plus a little of its own.
+    shared = torch.randn(64, 1, 16, 16)
+    images = shared + 0.1 * torch.randn(64, 3, 16, 16)
+    net = build_model("whitened_resnet")
+    net.init_from_images(images)
+    responses = net.stem(images) - net.stem.bias[:, None, None]
+    half = responses[:, :12].permute(0, 2, 3, 1).reshape(-1, 12)
+    half = half - half.mean(dim=0)
+    covariance = half.T @ half / len(half)
+    # Whitened up to the regulariser eps, which only matters for the weakest direction.
+    assert torch.allclose(covariance[:11, :11], torch.eye(11), atol=0.05)
+    # The other half are the negatives, so a GELU after the stem keeps both signs.
+    assert torch.equal(net.stem.weight[12:], -net.stem.weight[:12])
+
+
+def test_whitened_resnet_trains_only_bn_shifts_and_has_the_documented_size():
+    net = build_model("whitened_resnet")
+    assert count_parameters(net) == 1_971_352
+    assert count_flops(net) == 236_294_720
+    batch_norms = [m for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert batch_norms and all(not bn.weight.requires_grad and bn.bias.requires_grad
+                               for bn in batch_norms)
+    assert not net.stem.weight.requires_grad
+
+
+def test_image_classifier_fits_a_data_dependent_init_on_normalised_pixels():
+    pixels = torch.randint(0, 256, (32, 3, 8, 8), dtype=torch.uint8)
+    fitted = ImageClassifier(build_model("whitened_resnet"), CIFAR_MEAN, CIFAR_STD)
+    fitted.init_from_images(pixels)
+    reference = build_model("whitened_resnet")
+    reference.init_from_images(fitted.normalise(pixels))
+    assert torch.equal(fitted.net.stem.weight, reference.stem.weight)
+    # A network without such an init is left as it was.
+    plain = ImageClassifier(build_model("resnet_small"), CIFAR_MEAN, CIFAR_STD)
+    before = {k: v.clone() for k, v in plain.state_dict().items()}
+    plain.init_from_images(pixels)
+    assert all(torch.equal(before[k], v) for k, v in plain.state_dict().items())

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from cifar_resnet.optim import Lookahead, ModelEMA, build_optimizer, build_scheduler
+from cifar_resnet.optim import Lookahead, ModelEMA, build_optimizer, build_scheduler, param_groups
 
 
 def test_lookahead_matches_hand_computation():
@@ -96,3 +96,51 @@ def test_lookahead_reset_takes_the_current_weights():
     la.reset()
     la.step()
     assert w.item() == 5.0
+
+
+def test_lookahead_ramp_starts_free_and_ends_at_alpha():
+    w = torch.nn.Parameter(torch.tensor([0.0]))
+    la = Lookahead([w], k=1, alpha=0.2, ramp_steps=10)
+    alphas = []
+    for step in range(1, 13):
+        with torch.no_grad():
+            w.add_(1.0)  # a "fast" step of +1
+        la.step()
+        alphas.append(la.current_alpha())
+    # alpha_t = 1 - 0.8 * (t / 10) ** 3, then flat at 0.2 after the ramp
+    assert alphas[4] == pytest.approx(1 - 0.8 * 0.5**3)
+    assert alphas[9:] == pytest.approx([0.2, 0.2, 0.2])
+    # Hand computation of the first two syncs: alpha 1 - 0.8e-3, then 1 - 6.4e-3.
+    w2 = torch.nn.Parameter(torch.tensor([0.0]))
+    la2 = Lookahead([w2], k=1, alpha=0.2, ramp_steps=10)
+    slow = 0.0
+    for t in (1, 2):
+        with torch.no_grad():
+            w2.add_(1.0)
+        fast = w2.item()
+        la2.step()
+        alpha = 1 - 0.8 * (t / 10) ** 3
+        slow = slow + alpha * (fast - slow)
+        assert w2.item() == pytest.approx(slow)
+
+
+def test_param_groups_scale_the_norm_learning_rate_and_keep_its_decay_rate():
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, bias=True), torch.nn.BatchNorm2d(4),
+                                torch.nn.Linear(4, 2, bias=False))
+    groups = param_groups(model, weight_decay=1e-3, norm_lr_scale=64.0, norm_decay=True)
+    opt = build_optimizer(groups, "sgd", lr=0.5, weight_decay=1e-3)
+    by_size = {sum(p.numel() for p in g["params"]): g for g in opt.param_groups}
+    weights, conv_bias, norm = by_size[3 * 4 * 9 + 4 * 2], by_size[4], by_size[8]
+    assert (weights["lr"], weights["weight_decay"]) == (0.5, 1e-3)
+    assert (conv_bias["lr"], conv_bias["weight_decay"]) == (0.5, 0.0)
+    assert norm["lr"] == 32.0 and norm["lr"] * norm["weight_decay"] == pytest.approx(0.5 * 1e-3)
+    assert param_groups(model, 1e-3, 64.0)[-1]["weight_decay"] == 0.0  # norm_decay off
+    # The schedule peaks at each group's own scaled rate.
+    sched = build_scheduler(opt, "onecycle", max_lr=0.5, total_steps=10, pct_start=0.3)
+    peaks = {id(g): 0.0 for g in opt.param_groups}
+    for _ in range(10):
+        for g in opt.param_groups:
+            peaks[id(g)] = max(peaks[id(g)], g["lr"])
+        opt.step()
+        sched.step()
+    assert peaks[id(norm)] == pytest.approx(32.0) and peaks[id(weights)] == pytest.approx(0.5)

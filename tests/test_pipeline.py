@@ -1,0 +1,53 @@
+"""pipeline: a recipe's settings reach the objects that train, and a short fit runs through them."""
+
+import math
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from cifar_resnet import engine, pipeline
+from cifar_resnet.config import train_settings
+from cifar_resnet.models import build_model
+from cifar_resnet.stages import CONF_DIR
+
+from stage_utils import tiny_overrides
+
+
+@pytest.fixture(autouse=True)
+def _seeded():
+    torch.manual_seed(0)
+
+
+def fast_settings(tiny, tmp_path, *extra):
+    overrides = [o for o in tiny_overrides(tiny, tmp_path) if not o.startswith("model=")]
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="train", overrides=["recipe=fast", *overrides, *extra])
+    return train_settings(cfg)
+
+
+def test_fast_recipe_wires_whitening_norm_lr_and_lookahead_ramp(tiny_cifar, tmp_path):
+    settings = fast_settings(tiny_cifar, tmp_path, "train.epochs=2")
+    splits = pipeline.load_data(settings.data)
+    device = torch.device("cpu")
+    batches = pipeline.train_batches(settings, splits, device)
+    steps = pipeline.steps_per_epoch(batches)
+    parts = pipeline.build_parts(settings, pipeline.build_network(settings.model), splits,
+                                 steps, device)
+
+    # The stem was fitted to the training images, not left at its unfitted init.
+    unfitted = build_model("whitened_resnet").stem.weight
+    assert not torch.allclose(parts.model.net.stem.weight, unfitted)
+    # BatchNorm shifts start at 64x the weights' rate (the schedule's first value).
+    rates = {len(g["params"]): g["lr"] for g in parts.optimizer.param_groups}
+    norm_params = sum(1 for m in parts.model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    first = parts.optimizer.param_groups[0]["lr"]
+    assert rates[norm_params] == pytest.approx(64 * first)
+    # Lookahead ramps over the whole run.
+    assert parts.lookahead.ramp_steps == settings.train.epochs * steps
+
+    state = pipeline.run_fit(settings, splits, parts, batches, device,
+                             checkpoint_dir=tmp_path / "ckpt")
+    assert state.epoch == 2
+    assert all(math.isfinite(m["train_loss"]) for m in state.history)
+    assert parts.lookahead.fast_steps == 2 * steps

@@ -255,3 +255,22 @@ def test_image_classifier_fits_a_data_dependent_init_on_normalised_pixels():
     before = {k: v.clone() for k, v in plain.state_dict().items()}
     plain.init_from_images(pixels)
     assert all(torch.equal(before[k], v) for k, v in plain.state_dict().items())
+
+
+def test_unfitted_whitened_resnet_still_trains():
+    # Before init_from_images every stem channel must vary: a constant channel reaches a
+    # BatchNorm with zero variance, whose gradient (divided by sqrt(eps)) blew training up.
+    net = build_model("whitened_resnet")
+    images = torch.randn(64, 3, 32, 32)
+    stem_out = net.stem(images)
+    assert (stem_out.var(dim=(0, 2, 3)) > 1e-3).all()
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, nesterov=True)
+    labels = torch.randint(0, 10, (64,))
+    for _ in range(6):
+        with torch.autocast("cpu", torch.bfloat16):
+            loss = nn.functional.cross_entropy(net(images), labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        assert torch.isfinite(loss)
+    assert net.stem.bias.abs().max() < 1.0

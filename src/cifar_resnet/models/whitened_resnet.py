@@ -6,9 +6,11 @@ branch (x + conv(x)) instead of a plain layer; the extra add costs nothing.
 
 - stem: a frozen 2x2 conv whose filters whiten the input's 2x2 patches (the
   eigenvectors of their covariance, scaled by 1/sqrt(eigenvalue), and their
-  negatives, so a GELU after it keeps both signs). It must be fitted to training
-  images before training: ``init_from_images``. Until then it is the identity on
-  the first pixel of each patch, so an unfitted net still trains.
+  negatives, so a GELU after it keeps both signs). It is fitted to training images
+  before training (``init_from_images``). Until then its filters are a fixed
+  orthonormal basis of patch space, the whitening of white noise: every channel
+  varies, which BatchNorm downstream needs (a constant channel divides its
+  gradient by sqrt(eps) and blows training up).
 - three stages: conv3x3 -> max-pool 2 -> BN -> GELU, then a residual conv3x3 -> BN
   -> GELU. Pooling right after the first conv runs everything else at a quarter of
   the pixels: 0.24 GFLOPs per image at the default widths, 0.37x ResNet-9's.
@@ -77,8 +79,12 @@ class WhitenedResNet(nn.Module):
         self.stem = nn.Conv2d(3, stem_width, patch_size, bias=True)
         self.stem.weight.requires_grad_(False)  # fitted to data, then fixed
         with torch.no_grad():
-            self.stem.weight.zero_()
-            nn.init.dirac_(self.stem.weight[:3])
+            # A private generator: the global random stream (hence every other layer's
+            # init for a given seed) is the same as if the stem took none.
+            noise = torch.randn(stem_width // 2, stem_width // 2,
+                                generator=torch.Generator().manual_seed(0))
+            basis = torch.linalg.qr(noise).Q
+            self._set_stem_filters(basis.T.reshape(-1, 3, patch_size, patch_size))
             self.stem.bias.zero_()
         stages, in_channels = [], stem_width
         for width in widths:
@@ -100,7 +106,10 @@ class WhitenedResNet(nn.Module):
         covariance = patches.T @ patches / len(patches)
         eigenvalues, eigenvectors = torch.linalg.eigh(covariance.double())
         filters = (eigenvectors.T / torch.sqrt(eigenvalues + eps)[:, None]).float()
-        filters = filters.reshape(-1, 3, k, k).flip(0)  # strongest direction first
+        self._set_stem_filters(filters.reshape(-1, 3, k, k).flip(0))  # strongest direction first
+
+    @torch.no_grad()
+    def _set_stem_filters(self, filters: torch.Tensor) -> None:
         weight = self.stem.weight
         weight.copy_(torch.cat([filters, -filters]).to(weight))
 

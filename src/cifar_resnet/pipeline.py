@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import Callable, Iterable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -35,7 +36,18 @@ def load_data(settings: DataSettings) -> data.CifarSplits:
     return data.load_splits(
         settings.root, val_size=settings.val_size, train_subset=settings.train_subset,
         seed=settings.split_seed, download=settings.download,
-        expected_md5=data.read_md5_file(settings.md5_file) if settings.md5_file else None)
+        expected_md5=_expected_md5(settings))
+
+
+def load_test_set(settings: DataSettings) -> tuple[np.ndarray, np.ndarray]:
+    """The 10,000 verified test images and labels, without reading the training batches."""
+    data.ensure_cifar10(settings.root, download=settings.download,
+                        expected_md5=_expected_md5(settings))
+    return data.load_cifar10(settings.root, train=False)
+
+
+def _expected_md5(settings: DataSettings) -> dict[str, str] | None:
+    return data.read_md5_file(settings.md5_file) if settings.md5_file else None
 
 
 def train_batches(settings: TrainSettings, splits: data.CifarSplits,

@@ -12,7 +12,7 @@ import time
 import hydra
 from omegaconf import DictConfig
 
-from .. import data, engine, plots, registry, tracking
+from .. import engine, pipeline, plots, registry, tracking
 from ..config import (ConfigError, DataSettings, EvalSettings, section_settings,
                       to_container)
 from ..gpu_augment import TTA_VIEWS, tta_views
@@ -36,9 +36,7 @@ def main(cfg: DictConfig) -> None:
     ref = registry.require_version(registry.resolve(settings.model_uri))
     model, class_names = load_classifier(registry.download_weights(ref))
     model.to(device)
-    data.ensure_cifar10(d.root, download=d.download,
-                        expected_md5=data.read_md5_file(d.md5_file) if d.md5_file else None)
-    images, labels = data.load_cifar10(d.root, train=False)
+    images, labels = pipeline.load_test_set(d)
 
     with tracking.training_run(config["experiment_name"],
                                run_name=f"eval_tta {ref.name} v{ref.version} {views_name}",

@@ -29,12 +29,11 @@ def main(cfg: DictConfig) -> None:
     objective = tuning.Objective(config, space, splits, device, settings.epochs)
     study = tuning.open_study(settings)
 
+    storage = tuning.describe_storage(settings.storage)  # no password in logs, params or YAML
     with tracking.training_run(base.experiment_name, run_name=f"tune {settings.study_name}",
                                tags=tuning.study_tags(settings)) as run:
         print(f"MLflow run {run.info.run_id} (experiment {run.info.experiment_id}); "
-              f"study {settings.study_name!r} in {tuning.describe_storage(settings.storage)}",
-              flush=True)
-        storage = tuning.describe_storage(settings.storage)  # no password in params or YAML
+              f"study {settings.study_name!r} in {storage}", flush=True)
         tracking.log_config({**config, "tune": {**tune_section, "storage": storage}},
                             {"device": str(device), "train_images": len(splits.train_labels),
                              "val_images": len(splits.val_labels)})

@@ -3,7 +3,8 @@ import math
 import pytest
 import torch
 
-from cifar_resnet.optim import Lookahead, ModelEMA, build_optimizer, build_scheduler, param_groups
+from cifar_resnet.optim import (Lookahead, ModelEMA, Muon, build_optimizer, build_scheduler,
+                                orthogonalise, param_groups)
 
 
 def test_lookahead_matches_hand_computation():
@@ -47,7 +48,7 @@ def test_ema_matches_hand_computation():
 def test_onecycle_values():
     w = torch.nn.Parameter(torch.zeros(1))
     opt = build_optimizer([w], "sgd", lr=0.1, weight_decay=0.0)
-    sched = build_scheduler(opt, "onecycle", max_lr=0.1, total_steps=100, pct_start=0.25,
+    sched = build_scheduler(opt, "onecycle", total_steps=100, pct_start=0.25,
                             div_factor=25.0, final_div_factor=1e4)
     lrs = []
     for _ in range(100):
@@ -72,14 +73,14 @@ def test_unknown_optimizer_and_schedule():
         build_optimizer([w], "rmsprop", lr=0.1, weight_decay=0.0)
     opt = build_optimizer([w], "sgd", lr=0.1, weight_decay=0.0)
     with pytest.raises(ValueError, match="unknown schedule"):
-        build_scheduler(opt, "step", max_lr=0.1, total_steps=10)
+        build_scheduler(opt, "step", total_steps=10)
 
 
 @pytest.mark.parametrize("total_steps", [3, 4, 8])
 def test_onecycle_survives_tiny_runs(total_steps):
     w = torch.nn.Parameter(torch.zeros(1))
     opt = build_optimizer([w], "sgd", lr=0.1, weight_decay=0.0)
-    sched = build_scheduler(opt, "onecycle", max_lr=0.1, total_steps=total_steps, pct_start=0.25)
+    sched = build_scheduler(opt, "onecycle", total_steps=total_steps, pct_start=0.25)
     lrs = []
     for _ in range(total_steps):
         lrs.append(opt.param_groups[0]["lr"])
@@ -136,7 +137,7 @@ def test_param_groups_scale_the_norm_learning_rate_and_keep_its_decay_rate():
     assert norm["lr"] == 32.0 and norm["lr"] * norm["weight_decay"] == pytest.approx(0.5 * 1e-3)
     assert param_groups(model, 1e-3, 64.0)[-1]["weight_decay"] == 0.0  # norm_decay off
     # The schedule peaks at each group's own scaled rate.
-    sched = build_scheduler(opt, "onecycle", max_lr=0.5, total_steps=10, pct_start=0.3)
+    sched = build_scheduler(opt, "onecycle", total_steps=10, pct_start=0.3)
     peaks = {id(g): 0.0 for g in opt.param_groups}
     for _ in range(10):
         for g in opt.param_groups:
@@ -144,3 +145,82 @@ def test_param_groups_scale_the_norm_learning_rate_and_keep_its_decay_rate():
         opt.step()
         sched.step()
     assert peaks[id(norm)] == pytest.approx(32.0) and peaks[id(weights)] == pytest.approx(0.5)
+
+
+def test_orthogonalise_keeps_singular_vectors_and_evens_out_singular_values():
+    # A 16 x 48 matrix with known singular vectors and singular values spread 20x.
+    gen = torch.Generator().manual_seed(0)
+    u = torch.linalg.qr(torch.randn(16, 16, generator=gen)).Q
+    v = torch.linalg.qr(torch.randn(48, 16, generator=gen)).Q
+    s = torch.linspace(1.0, 20.0, 16)
+    matrix = u @ torch.diag(s) @ v.T
+    for m, (left, right) in ((matrix, (u, v)), (matrix.T, (v, u))):  # wide and tall
+        out = orthogonalise(m, steps=5).float()
+        assert out.shape == m.shape and out.dtype == m.dtype
+        core = left.T @ out @ right  # diagonal if the singular vectors are kept
+        diagonal = torch.diagonal(core)
+        assert (core - torch.diag(diagonal)).abs().max() < 0.05
+        assert diagonal.min() > 0.5 and diagonal.max() < 1.5  # was 1 to 20
+    # The input's scale does not matter (up to bf16 rounding).
+    scaled, plain = orthogonalise(matrix * 1e3), orthogonalise(matrix)
+    assert (scaled - plain).norm() < 0.05 * plain.norm()
+
+
+def _quadratic_grads(params, targets):
+    loss = sum(((p - t) ** 2).sum() / 2 for p, t in zip(params, targets))
+    loss.backward()
+
+
+def test_muon_plain_groups_step_like_torch_sgd():
+    torch.manual_seed(0)
+    target = torch.randn(5, 3)
+    ours = torch.nn.Parameter(torch.randn(5, 3))
+    ref = torch.nn.Parameter(ours.detach().clone())
+    muon = Muon([ours], lr=0.1, momentum=0.85, nesterov=True, weight_decay=0.01)
+    sgd = torch.optim.SGD([ref], lr=0.1, momentum=0.85, nesterov=True, weight_decay=0.01)
+    for _ in range(4):
+        for opt, p in ((muon, ours), (sgd, ref)):
+            opt.zero_grad()
+            _quadratic_grads([p], [target])
+            opt.step()
+    assert torch.allclose(ours, ref, atol=1e-6)
+
+
+def test_muon_filter_step_matches_hand_computation():
+    torch.manual_seed(0)
+    filters = torch.nn.Parameter(torch.randn(4, 2, 3, 3))
+    target = torch.randn(4, 2, 3, 3)
+    muon = Muon([{"params": [filters], "orthogonal": True}], lr=0.05, momentum=0.6)
+    expected, buffer = filters.detach().clone(), None
+    for _ in range(3):
+        muon.zero_grad()
+        _quadratic_grads([filters], [target])
+        grad = filters.grad.detach().clone()
+        buffer = grad.clone() if buffer is None else 0.6 * buffer + grad
+        nesterov = grad + 0.6 * buffer
+        expected = expected * (2.0 / expected.norm())  # norm sqrt(out_channels) = 2
+        expected = expected - 0.05 * orthogonalise(nesterov.reshape(4, -1)).view(4, 2, 3, 3)
+        muon.step()
+        assert torch.allclose(filters.detach(), expected, atol=1e-5)
+
+
+def test_muon_groups_from_param_groups():
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, bias=True), torch.nn.BatchNorm2d(4),
+                                torch.nn.Flatten(), torch.nn.Linear(4, 2, bias=False))
+    groups = param_groups(model, weight_decay=1e-3, norm_lr_scale=64.0, norm_decay=True,
+                          orthogonal_filters=True)
+    opt = build_optimizer(groups, "muon", lr=0.5, weight_decay=1e-3, momentum=0.85,
+                          muon_lr=0.2, muon_momentum=0.6)
+    assert isinstance(opt, Muon)
+    [filters] = [g for g in opt.param_groups if g["orthogonal"]]
+    assert filters["params"] == [model[0].weight]
+    assert (filters["lr"], filters["momentum"], filters["weight_decay"]) == (0.2, 0.6, 0.0)
+    head = opt.param_groups[0]  # the group whose lr MLflow logs
+    assert head["params"] == [model[3].weight] and (head["lr"], head["momentum"]) == (0.5, 0.85)
+    # Each group peaks at its own rate: Muon's lr is not scaled by the base lr.
+    sched = build_scheduler(opt, "onecycle", total_steps=10, pct_start=0.0, div_factor=1.0)
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.5, 0.5, 32.0, 0.2])
+    sched.step()
+    # Without marked filters there is nothing for Muon to do: a clear error, not plain SGD.
+    with pytest.raises(ValueError, match="orthogonal"):
+        build_optimizer(param_groups(model, 1e-3), "muon", lr=0.5, weight_decay=1e-3)

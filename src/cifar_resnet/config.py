@@ -58,6 +58,8 @@ class OptimSettings:
     lookahead_ramp: bool = False  # alpha ramps from 1 to lookahead_alpha (cubic) over the run
     norm_lr_scale: float = 1.0  # BatchNorm parameters train this many times faster
     norm_decay: bool = False  # decay BatchNorm parameters too (at the weights' lr * wd)
+    muon_lr: float = 0.24  # name=muon: the conv filters' step (orthogonalised, scale-free)
+    muon_momentum: float = 0.6
 
 
 @dataclass(frozen=True)

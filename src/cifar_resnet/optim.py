@@ -3,12 +3,15 @@
 Lookahead and the exponential moving average are written here rather than taken
 from torch_optimizer (unmaintained) because each is a dozen lines. Both sit
 *beside* the base optimiser instead of wrapping it, so the LR scheduler and the
-AMP GradScaler keep talking to a plain torch optimiser.
+AMP GradScaler keep talking to a plain torch optimiser. Muon is written here too:
+it is one class and one function, and there is no torch release of it for conv
+filters with the weight normalisation that airbench pairs it with.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
 from torch import nn
@@ -22,11 +25,26 @@ def build_optimizer(
     momentum: float = 0.9,
     nesterov: bool = True,
     betas: tuple[float, float] = (0.9, 0.999),
+    muon_lr: float = 0.24,
+    muon_momentum: float = 0.6,
 ) -> torch.optim.Optimizer:
-    """A torch optimiser; a parameter group's ``lr_scale`` (see ``param_groups``) multiplies ``lr``."""
+    """A torch optimiser; a parameter group's ``lr_scale`` (see ``param_groups``) multiplies ``lr``.
+
+    ``muon`` steps the groups marked ``orthogonal`` with Muon at ``muon_lr`` and
+    ``muon_momentum``, and the others as Nesterov SGD at ``lr`` and ``momentum``.
+    """
     params = list(params)
     if params and isinstance(params[0], dict):
         params = [{**group, "lr": lr * group.get("lr_scale", 1.0)} for group in params]
+    if name == "muon":
+        if not (params and isinstance(params[0], dict)
+                and any(group.get("orthogonal") for group in params)):
+            raise ValueError("optim.name=muon needs parameter groups with the filters marked "
+                             "orthogonal (param_groups(..., orthogonal_filters=True))")
+        params = [{**group, "lr": muon_lr, "momentum": muon_momentum, "weight_decay": 0.0}
+                  if group.get("orthogonal") else group for group in params]
+        return Muon(params, lr=lr, momentum=momentum, nesterov=nesterov,
+                    weight_decay=weight_decay)
     # foreach keeps the parameter update at a handful of kernel launches per step.
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=nesterov,
@@ -37,14 +55,89 @@ def build_optimizer(
     if name == "adam":
         return torch.optim.Adam(params, lr=lr, betas=tuple(betas), weight_decay=weight_decay,
                                 foreach=True)
-    raise ValueError(f"unknown optimizer {name!r}; choose one of: sgd, adamw, adam")
+    raise ValueError(f"unknown optimizer {name!r}; choose one of: sgd, muon, adamw, adam")
+
+
+# Muon's quintic (Jordan, 2024): its slope at zero is made as steep as it can be while
+# singular values still end up in about [0.5, 1.5], so three steps are enough.
+NEWTON_SCHULZ_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+
+
+def orthogonalise(matrix: torch.Tensor, steps: int = 3, eps: float = 1e-7) -> torch.Tensor:
+    """Approximately U V^T for matrix = U S V^T, by a Newton-Schulz iteration in bf16.
+
+    Not the exact polar factor: singular values come out between about 0.5 and 1.5,
+    which trains as well (Muon's finding) and costs a few small matmuls.
+    """
+    a, b, c = NEWTON_SCHULZ_COEFFICIENTS
+    x = matrix.bfloat16()
+    x = x / (x.norm() + eps)  # every singular value <= 1: inside the iteration's basin
+    wide = x.size(0) <= x.size(1)
+    if not wide:
+        x = x.T  # X X^T is then the smaller Gram matrix
+    for _ in range(steps):
+        gram = x @ x.T
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return (x if wide else x.T).to(matrix.dtype)
+
+
+class Muon(torch.optim.Optimizer):
+    """Nesterov SGD whose update of each ``orthogonal`` group's filters is orthogonalised.
+
+    Muon (Jordan et al., 2024; airbench94_muon reaches 94% on CIFAR-10 in 8 epochs with
+    it): the momentum of a conv filter bank, seen as an out_channels x (in * k * k)
+    matrix, is replaced by its orthogonal factor, so every direction of the update moves
+    at the same rate. Those filters are kept at a Frobenius norm of sqrt(out_channels)
+    (each filter of norm about 1) before each step, as airbench does; that fixed scale
+    takes weight decay's place, so the step size is ``lr`` whatever the loss's scale.
+
+    Groups without ``orthogonal`` take torch.optim.SGD's step (weight decay added to the
+    gradient, then momentum, Nesterov if set).
+    """
+
+    def __init__(self, params, lr: float, momentum: float = 0.9, nesterov: bool = True,
+                 weight_decay: float = 0.0, ns_steps: int = 3):
+        if lr < 0 or not 0.0 <= momentum < 1.0 or weight_decay < 0 or ns_steps < 1:
+            raise ValueError(f"Muon needs lr >= 0, 0 <= momentum < 1, weight_decay >= 0 and "
+                             f"ns_steps >= 1, got {lr}, {momentum}, {weight_decay}, {ns_steps}")
+        defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
+                        orthogonal=False, ns_steps=ns_steps)
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            momentum, orthogonal = group["momentum"], group["orthogonal"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                grad = p.grad
+                if group["weight_decay"] and not orthogonal:
+                    grad = grad.add(p, alpha=group["weight_decay"])
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = grad.clone()
+                else:
+                    state["momentum_buffer"].mul_(momentum).add_(grad)
+                buffer = state["momentum_buffer"]
+                update = grad.add(buffer, alpha=momentum) if group["nesterov"] else buffer
+                if orthogonal:
+                    p.mul_(math.sqrt(p.size(0)) / (p.norm() + 1e-12))
+                    update = orthogonalise(update.reshape(p.size(0), -1),
+                                           group["ns_steps"]).view_as(p)
+                p.add_(update, alpha=-group["lr"])
+        return loss
 
 
 NORM_LAYERS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 
 
 def param_groups(model: nn.Module, weight_decay: float, norm_lr_scale: float = 1.0,
-                 norm_decay: bool = False) -> list[dict]:
+                 norm_decay: bool = False, orthogonal_filters: bool = False) -> list[dict]:
     """Three groups: conv and linear weights (decayed), other biases (never decayed:
     decaying them hurts small nets), and normalisation layers' parameters.
 
@@ -52,20 +145,26 @@ def param_groups(model: nn.Module, weight_decay: float, norm_lr_scale: float = 1
     BatchNorm shifts 64x faster than the weights (its ablation: 94% in 18 epochs instead of
     22). With ``norm_decay`` that group is decayed at the weights' per-step rate (lr * wd), so
     its weight decay is divided by the same scale; without, it is not decayed.
+
+    With ``orthogonal_filters`` the conv filters (4-D weights) leave the first group
+    for a fourth, marked ``orthogonal``, for Muon; the linear head stays in the first.
     """
-    weights, biases, norms = [], [], []
+    weights, biases, norms, filters = [], [], [], []
     for module in model.modules():
         for p in module.parameters(recurse=False):
             if not p.requires_grad:
                 continue
             if isinstance(module, NORM_LAYERS):
                 norms.append(p)
+            elif orthogonal_filters and p.ndim == 4:
+                filters.append(p)
             else:
                 (weights if p.ndim > 1 else biases).append(p)
     groups = [{"params": weights, "weight_decay": weight_decay, "lr_scale": 1.0},
               {"params": biases, "weight_decay": 0.0, "lr_scale": 1.0},
               {"params": norms, "lr_scale": norm_lr_scale,
-               "weight_decay": weight_decay / norm_lr_scale if norm_decay else 0.0}]
+               "weight_decay": weight_decay / norm_lr_scale if norm_decay else 0.0},
+              {"params": filters, "weight_decay": 0.0, "orthogonal": True}]
     return [g for g in groups if g["params"]]
 
 
@@ -167,16 +266,17 @@ def _float_and_other_tensors(module: nn.Module) -> tuple[list, list]:
 def build_scheduler(
     optimizer: torch.optim.Optimizer,
     name: str,
-    max_lr: float,
     total_steps: int,
     pct_start: float = 0.25,
     anneal_strategy: str = "cos",
     div_factor: float = 25.0,
     final_div_factor: float = 1e4,
 ) -> torch.optim.lr_scheduler.LRScheduler:
-    """Per-batch schedules. ``onecycle`` is OneCycleLR; ``constant`` keeps max_lr."""
-    # Groups with an lr_scale (see param_groups) peak at max_lr times that scale.
-    max_lrs = [max_lr * group.get("lr_scale", 1.0) for group in optimizer.param_groups]
+    """Per-batch schedules. ``onecycle`` is OneCycleLR; ``constant`` keeps the lr.
+
+    Each group peaks at the lr the optimiser was built with (its scaled lr, Muon's own).
+    """
+    max_lrs = [group["lr"] for group in optimizer.param_groups]
     if name == "onecycle":
         # OneCycleLR divides by the warm-up's length in steps: keep at least one step
         # in each phase, so tiny runs (tests, smoke runs) do not crash.

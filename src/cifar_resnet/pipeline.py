@@ -98,12 +98,14 @@ def build_parts(settings: TrainSettings, net: nn.Module, splits: data.CifarSplit
     if settings.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     o = settings.optim
-    groups = param_groups(model, o.weight_decay, o.norm_lr_scale, o.norm_decay)
+    groups = param_groups(model, o.weight_decay, o.norm_lr_scale, o.norm_decay,
+                          orthogonal_filters=o.name == "muon")
     optimizer = build_optimizer(groups, o.name, lr=o.lr, weight_decay=o.weight_decay,
-                                momentum=o.momentum, nesterov=o.nesterov, betas=o.betas)
+                                momentum=o.momentum, nesterov=o.nesterov, betas=o.betas,
+                                muon_lr=o.muon_lr, muon_momentum=o.muon_momentum)
     s = settings.schedule
     total_steps = settings.train.epochs * steps_per_epoch
-    scheduler = build_scheduler(optimizer, s.name, max_lr=o.lr, total_steps=total_steps,
+    scheduler = build_scheduler(optimizer, s.name, total_steps=total_steps,
                                 pct_start=s.pct_start, anneal_strategy=s.anneal_strategy,
                                 div_factor=s.div_factor, final_div_factor=s.final_div_factor)
     amp = engine.autocast_dtype(settings.train.precision, device)

@@ -19,10 +19,10 @@ def _seeded():
     torch.manual_seed(0)
 
 
-def fast_settings(tiny, tmp_path, *extra):
+def fast_settings(tiny, tmp_path, *extra, recipe="fast"):
     overrides = [o for o in tiny_overrides(tiny, tmp_path) if not o.startswith("model=")]
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose(config_name="train", overrides=["recipe=fast", *overrides, *extra])
+        cfg = compose(config_name="train", overrides=[f"recipe={recipe}", *overrides, *extra])
     return train_settings(cfg)
 
 
@@ -51,3 +51,24 @@ def test_fast_recipe_wires_whitening_norm_lr_and_lookahead_ramp(tiny_cifar, tmp_
     assert state.epoch == 2
     assert all(math.isfinite(m["train_loss"]) for m in state.history)
     assert parts.lookahead.fast_steps == 2 * steps
+
+
+def test_muon_recipe_steps_every_trainable_filter_with_muon(tiny_cifar, tmp_path):
+    settings = fast_settings(tiny_cifar, tmp_path, "train.epochs=1", "train.batch_size=32",
+                             recipe="fast_muon")
+    splits = pipeline.load_data(settings.data)
+    device = torch.device("cpu")
+    batches = pipeline.train_batches(settings, splits, device)
+    parts = pipeline.build_parts(settings, pipeline.build_network(settings.model), splits,
+                                 pipeline.steps_per_epoch(batches), device)
+    trainable_filters = {id(p) for p in parts.model.parameters() if p.requires_grad and p.ndim == 4}
+    [muon_group] = [g for g in parts.optimizer.param_groups if g.get("orthogonal")]
+    assert {id(p) for p in muon_group["params"]} == trainable_filters
+    assert (muon_group["lr"], muon_group["momentum"]) == (0.24, 0.6)  # flat start: peak at once
+    assert parts.lookahead is None
+
+    before = [p.detach().clone() for p in muon_group["params"]]
+    state = pipeline.run_fit(settings, splits, parts, batches, device,
+                             checkpoint_dir=tmp_path / "ckpt")
+    assert all(math.isfinite(m["train_loss"]) for m in state.history)
+    assert all(not torch.equal(b, p) for b, p in zip(before, muon_group["params"]))

@@ -41,7 +41,8 @@ def build_optimizer(
                 and any(group.get("orthogonal") for group in params)):
             raise ValueError("optim.name=muon needs parameter groups with the filters marked "
                              "orthogonal (param_groups(..., orthogonal_filters=True))")
-        params = [{**group, "lr": muon_lr, "momentum": muon_momentum, "weight_decay": 0.0}
+        # No weight decay to set: Muon holds these filters at a fixed norm instead.
+        params = [{**group, "lr": muon_lr, "momentum": muon_momentum}
                   if group.get("orthogonal") else group for group in params]
         return Muon(params, lr=lr, momentum=momentum, nesterov=nesterov,
                     weight_decay=weight_decay)

@@ -13,6 +13,8 @@ from cifar_resnet.stages import CONF_DIR
 
 from stage_utils import tiny_overrides
 
+CPU = torch.device("cpu")
+
 
 @pytest.fixture(autouse=True)
 def _seeded():
@@ -26,14 +28,19 @@ def fast_settings(tiny, tmp_path, *extra, recipe="fast"):
     return train_settings(cfg)
 
 
+def build_on_cpu(settings):
+    """What the train stage builds before fitting: data, the epoch's batches, the parts."""
+    splits = pipeline.load_data(settings.data)
+    batches = pipeline.train_batches(settings, splits, CPU)
+    parts = pipeline.build_parts(settings, pipeline.build_network(settings.model), splits,
+                                 pipeline.steps_per_epoch(batches), CPU)
+    return splits, batches, parts
+
+
 def test_fast_recipe_wires_whitening_norm_lr_and_lookahead_ramp(tiny_cifar, tmp_path):
     settings = fast_settings(tiny_cifar, tmp_path, "train.epochs=2")
-    splits = pipeline.load_data(settings.data)
-    device = torch.device("cpu")
-    batches = pipeline.train_batches(settings, splits, device)
+    splits, batches, parts = build_on_cpu(settings)
     steps = pipeline.steps_per_epoch(batches)
-    parts = pipeline.build_parts(settings, pipeline.build_network(settings.model), splits,
-                                 steps, device)
 
     # The stem was fitted to the training images, not left at its unfitted init.
     unfitted = build_model("whitened_resnet").stem.weight
@@ -46,7 +53,7 @@ def test_fast_recipe_wires_whitening_norm_lr_and_lookahead_ramp(tiny_cifar, tmp_
     # Lookahead ramps over the whole run.
     assert parts.lookahead.ramp_steps == settings.train.epochs * steps
 
-    state = pipeline.run_fit(settings, splits, parts, batches, device,
+    state = pipeline.run_fit(settings, splits, parts, batches, CPU,
                              checkpoint_dir=tmp_path / "ckpt")
     assert state.epoch == 2
     assert all(math.isfinite(m["train_loss"]) for m in state.history)
@@ -56,11 +63,7 @@ def test_fast_recipe_wires_whitening_norm_lr_and_lookahead_ramp(tiny_cifar, tmp_
 def test_muon_recipe_steps_every_trainable_filter_with_muon(tiny_cifar, tmp_path):
     settings = fast_settings(tiny_cifar, tmp_path, "train.epochs=1", "train.batch_size=32",
                              recipe="fast_muon")
-    splits = pipeline.load_data(settings.data)
-    device = torch.device("cpu")
-    batches = pipeline.train_batches(settings, splits, device)
-    parts = pipeline.build_parts(settings, pipeline.build_network(settings.model), splits,
-                                 pipeline.steps_per_epoch(batches), device)
+    splits, batches, parts = build_on_cpu(settings)
     trainable_filters = {id(p) for p in parts.model.parameters() if p.requires_grad and p.ndim == 4}
     [muon_group] = [g for g in parts.optimizer.param_groups if g.get("orthogonal")]
     assert {id(p) for p in muon_group["params"]} == trainable_filters
@@ -68,7 +71,7 @@ def test_muon_recipe_steps_every_trainable_filter_with_muon(tiny_cifar, tmp_path
     assert parts.lookahead is None
 
     before = [p.detach().clone() for p in muon_group["params"]]
-    state = pipeline.run_fit(settings, splits, parts, batches, device,
+    state = pipeline.run_fit(settings, splits, parts, batches, CPU,
                              checkpoint_dir=tmp_path / "ckpt")
     assert all(math.isfinite(m["train_loss"]) for m in state.history)
     assert all(not torch.equal(b, p) for b, p in zip(before, muon_group["params"]))

@@ -26,10 +26,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import torch  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 
-from cifar_resnet import engine, pipeline  # noqa: E402
+from cifar_resnet import engine, hardware, pipeline  # noqa: E402
 from cifar_resnet.config import train_settings  # noqa: E402
 from cifar_resnet.models import count_parameters  # noqa: E402
-from cifar_resnet.stages import CONF_DIR  # noqa: E402
+from cifar_resnet.stages import CONF_DIR, resolve_recipe  # noqa: E402
 
 
 def device_name(device: torch.device) -> str:
@@ -39,19 +39,20 @@ def device_name(device: torch.device) -> str:
 
 
 def run_once(overrides: list[str], seed: int, splits_cache: dict) -> dict:
+    composed = [*overrides, f"seed={seed}", "train.progress=false"]
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose(config_name="train",
-                      overrides=[*overrides, f"seed={seed}", "train.progress=false"])
+        cfg = compose(config_name="train", overrides=composed)
+        cfg, _ = resolve_recipe(cfg, lambda recipe: compose(
+            config_name="train", overrides=[*composed, f"recipe={recipe}"]))
     settings = train_settings(cfg)
     d = settings.data
     key = (d.root, d.val_size, d.train_subset, d.split_seed)
     if key not in splits_cache:
         splits_cache[key] = pipeline.load_data(d)
     splits = splits_cache[key]
-    device = engine.resolve_device(settings.train.device)
-    pipeline.configure_backend(device)
     engine.seed_everything(seed)
     net = pipeline.build_network(settings.model)
+    settings, device = pipeline.prepare_machine(settings, net)
     start = time.perf_counter()
     batches = pipeline.train_batches(settings, splits, device)
     parts = pipeline.build_parts(settings, net, splits,
@@ -66,6 +67,7 @@ def run_once(overrides: list[str], seed: int, splits_cache: dict) -> dict:
         "overrides": " ".join(overrides), "seed": seed, "recipe": settings.recipe,
         "model": settings.model.name, "parameters": count_parameters(net),
         "device": device_name(device), "epochs": state.epoch,
+        "precision": settings.train.precision, "cpu_class": hardware.cpu_class(),
         "train_seconds": round(sum(m["epoch_seconds"] for m in history), 2),
         "fit_seconds": round(fit_seconds, 2),  # training + per-epoch validation + data set-up
         "images_per_second": round(sum(m["images_per_second"] for m in history[1:] or history)

@@ -4,7 +4,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from cifar_resnet.config import ConfigError, flatten, to_container, train_settings
-from cifar_resnet.stages import CONF_DIR, mlproject_argv
+from cifar_resnet.stages import CONF_DIR, mlproject_argv, resolve_recipe
 
 
 def compose_train(*overrides):
@@ -16,9 +16,34 @@ def test_conf_dir_is_the_repository_conf():
     assert Path(CONF_DIR) == Path(__file__).resolve().parents[1] / "conf"
 
 
-def test_default_recipe_is_best():
-    s = train_settings(compose_train())
-    assert (s.recipe, s.model.name, s.model.kwargs["depth"]) == ("best", "wide_resnet", 22)
+def resolved_train(*overrides):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="train", overrides=list(overrides))
+        return resolve_recipe(cfg, lambda recipe: compose(
+            config_name="train", overrides=[*overrides, f"recipe={recipe}"]))
+
+
+@pytest.mark.parametrize("device, recipe", [("cpu", "fast"), ("cuda", "best"), ("mps", "fast")])
+def test_the_default_recipe_follows_the_device(device, recipe):
+    cfg, requested = resolved_train(f"train.device={device}")
+    s = train_settings(cfg)
+    assert (requested, s.recipe, s.train.device) == ("auto", recipe, device)
+    model = {"fast": "whitened_resnet", "best": "wide_resnet"}[recipe]
+    assert s.model.name == model
+
+
+def test_auto_recipe_on_auto_device_picks_cuda_only_when_there_is_one(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert train_settings(resolved_train()[0]).recipe == "best"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert train_settings(resolved_train()[0]).recipe == "fast"
+
+
+def test_an_explicit_recipe_always_wins():
+    cfg, requested = resolved_train("recipe=best", "train.device=cpu")
+    assert requested is None and train_settings(cfg).recipe == "best"
 
 
 @pytest.mark.parametrize("override", ["~recipe", "recipe=seed"])
@@ -34,7 +59,8 @@ def test_base_config_and_seed_recipe_follow_the_seed_report(override):
     assert s.train.epochs == (200 if override == "recipe=seed" else 50)
 
 
-@pytest.mark.parametrize("recipe", sorted(p.stem for p in (Path(CONF_DIR) / "recipe").glob("*.yaml")))
+@pytest.mark.parametrize("recipe", sorted(p.stem for p in (Path(CONF_DIR) / "recipe").glob("*.yaml")
+                                           if p.stem != "auto"))
 def test_every_recipe_builds_under_the_parameter_limit(recipe):
     from cifar_resnet.models import count_parameters
     from cifar_resnet.pipeline import build_network

@@ -8,7 +8,7 @@ from hydra import compose, initialize_config_dir
 
 from cifar_resnet import engine, pipeline
 from cifar_resnet.config import train_settings
-from cifar_resnet.models import build_model
+from cifar_resnet.models import ImageClassifier, build_model
 from cifar_resnet.stages import CONF_DIR
 
 from stage_utils import tiny_overrides
@@ -25,7 +25,8 @@ def fast_settings(tiny, tmp_path, *extra, recipe="fast"):
     overrides = [o for o in tiny_overrides(tiny, tmp_path) if not o.startswith("model=")]
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose(config_name="train", overrides=[f"recipe={recipe}", *overrides, *extra])
-    return train_settings(cfg)
+    settings, _ = pipeline.prepare_machine(train_settings(cfg))
+    return settings
 
 
 def build_on_cpu(settings):
@@ -75,3 +76,33 @@ def test_muon_recipe_steps_every_trainable_filter_with_muon(tiny_cifar, tmp_path
                              checkpoint_dir=tmp_path / "ckpt")
     assert all(math.isfinite(m["train_loss"]) for m in state.history)
     assert all(not torch.equal(b, p) for b, p in zip(before, muon_group["params"]))
+
+
+@pytest.mark.parametrize("precision, scaled", [("fp16", True), ("bf16", False), ("fp32", False)])
+def test_a_grad_scaler_exactly_when_fp16(tiny_cifar, tmp_path, precision, scaled):
+    settings = fast_settings(tiny_cifar, tmp_path, f"train.precision={precision}")
+    assert settings.train.precision == precision
+    _, _, parts = build_on_cpu(settings)
+    assert (parts.scaler is not None) == scaled
+
+
+def test_prepare_machine_resolves_auto_and_sets_threads(tiny_cifar, tmp_path, monkeypatch):
+    threads = torch.get_num_threads()
+    monkeypatch.setattr(pipeline.hardware, "cpu_bf16_is_native", lambda: False)
+    try:
+        settings = fast_settings(tiny_cifar, tmp_path, "train.threads=1")
+        assert settings.train.precision == "fp32" and torch.get_num_threads() == 1
+        params = pipeline.machine_params(settings, CPU)
+        assert params["resolved_precision"] == "fp32" and params["cpu_threads"] == 1
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_speed_probe_leaves_the_random_state_alone():
+    model = ImageClassifier(build_model("resnet_small"), (0.5,) * 3, (0.25,) * 3)
+    torch.manual_seed(3)
+    expected = torch.rand(4)
+    torch.manual_seed(3)
+    rate = pipeline.measure_images_per_second(model, 8, CPU, None, steps=1)
+    assert rate > 0
+    torch.testing.assert_close(torch.rand(4), expected)

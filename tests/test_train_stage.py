@@ -14,7 +14,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from cifar_resnet import data, engine
+from cifar_resnet import data, engine, hardware
 from stage_utils import REPO, make_experiment, run_module, stage_env, tiny_overrides
 
 EPOCH_METRICS = ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_seconds",
@@ -46,7 +46,11 @@ def test_mlflow_run_train_tracks_and_registers(tiny_cifar, tmp_path):
     assert run.info.status == "FINISHED"
     params = run.data.params
     assert params["model.name"] == "resnet_small" and params["train.epochs"] == "2"
-    assert params["recipe"] == "best" and params["optim.lr"] == "0.2" and int(params["parameters"]) == 272_474
+    # recipe=auto is fast on a machine without CUDA, and says so.
+    assert params["recipe"] == "fast" and params["requested_recipe"] == "auto"
+    assert params["optim.lr"] == "1.5" and int(params["parameters"]) == 272_474
+    assert params["train.precision"] == "auto"
+    assert params["resolved_precision"] == hardware.resolve_precision("auto", torch.device("cpu"))
     assert {"device", "torch_version", "cuda_version", "git_commit"} <= set(params)
     assert len(params["data_md5.data_batch_1"]) == 32
     for key in EPOCH_METRICS:
@@ -84,24 +88,41 @@ def _run_ids(tmp_path, experiment="tests"):
     return [] if exp is None else [r.info.run_id for r in client.search_runs([exp.experiment_id])]
 
 
+def epoch_sized_for(seconds: float, batch_size: int, train_images: int) -> tuple[int, float]:
+    """(data.repeats, expected seconds an epoch) so that an epoch of resnet_small lasts
+    about ``seconds`` on this machine, at the precision ``auto`` picks here: measured,
+    so that a slow CPU gets a shorter epoch rather than a test that times out."""
+    from cifar_resnet import pipeline
+    from cifar_resnet.models import ImageClassifier, build_model
+
+    cpu = torch.device("cpu")
+    precision = hardware.resolve_precision("auto", cpu)
+    model = ImageClassifier(build_model("resnet_small"), (0.5,) * 3, (0.25,) * 3)
+    rate = pipeline.measure_images_per_second(model, batch_size, cpu,
+                                              hardware.autocast_dtype(precision), steps=3)
+    repeats = max(2, round(seconds * rate / train_images))
+    return repeats, repeats * train_images / rate
+
+
 @pytest.mark.slow
 def test_killed_run_resumes_into_the_same_run_without_gap_or_repeat(tiny_cifar, tmp_path):
     env = stage_env(tmp_path)
     make_experiment(tmp_path, "tests")
-    # ~4,500 images an epoch, so an epoch lasts seconds and the kill lands inside one.
-    args = tiny_overrides(tiny_cifar, tmp_path, **{"train.epochs": 4, "data.repeats": 30,
+    # Epochs of a few seconds, so that the kill lands inside one.
+    repeats, epoch_seconds = epoch_sized_for(4.0, batch_size=64, train_images=150)
+    args = tiny_overrides(tiny_cifar, tmp_path, **{"train.epochs": 4, "data.repeats": repeats,
                                                    "train.batch_size": 64})
     process = subprocess.Popen([sys.executable, "-m", "cifar_resnet.stages.train", *args],
                                cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                text=True, start_new_session=True)
     checkpoints = tmp_path / "checkpoints"
-    deadline = time.monotonic() + 240
+    deadline = time.monotonic() + 120 + 10 * epoch_seconds  # start-up, then one epoch
     while not list(checkpoints.glob("*/last.pt")) and time.monotonic() < deadline:
         assert process.poll() is None, process.stdout.read()
         time.sleep(0.2)
     [last] = list(checkpoints.glob("*/last.pt"))
     epochs_before = engine.load_checkpoint(last)["state"]["epoch"]
-    time.sleep(1.0)  # into the next epoch
+    time.sleep(epoch_seconds / 3)  # into the next epoch
     process.send_signal(signal.SIGKILL)
     process.wait(timeout=30)
     process.stdout.close()

@@ -13,6 +13,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from .hardware import DEVICES, PRECISIONS
+
 
 class ConfigError(ValueError):
     """A configuration that cannot be trained; the message says which key and why."""
@@ -84,6 +86,7 @@ class LoopSettings:
     ema_decay: float = 0.0
     eval_batch_size: int = 1024
     device: str = "auto"
+    threads: int = 0  # torch's CPU threads; 0 = every core this process may use
     checkpoint_dir: str = "checkpoints"
     progress: bool = True
     tta: str = "none"
@@ -155,11 +158,24 @@ def validate(s: TrainSettings) -> None:
     if s.data.loader == "tensor" and s.augment.tensor is None:
         raise ConfigError(f"augment={s.augment.name} has no batched version; "
                           "use data.loader=albumentations")
+    _check_machine("train", s.train.device, s.train.precision)
+    if s.train.threads < 0:
+        raise ConfigError(f"train.threads must be >= 0 (0 = every usable core), "
+                          f"got {s.train.threads}")
     if not 0.0 <= s.train.label_smoothing < 1.0:
         raise ConfigError(f"train.label_smoothing must be in [0, 1), got {s.train.label_smoothing}")
     if s.optim.lr <= 0 or s.optim.norm_lr_scale <= 0:
         raise ConfigError(f"optim.lr and optim.norm_lr_scale must be positive, "
                           f"got {s.optim.lr} and {s.optim.norm_lr_scale}")
+
+
+def _check_machine(section: str, device: str, precision: str) -> None:
+    if precision not in PRECISIONS:
+        raise ConfigError(f"{section}.precision must be one of {', '.join(PRECISIONS)}, "
+                          f"got {precision!r}")
+    if str(device).split(":")[0] not in DEVICES:
+        raise ConfigError(f"{section}.device must be auto, cpu, cuda, cuda:N or mps, "
+                          f"got {device!r}")
 
 
 def flatten(values: dict, prefix: str = "") -> dict[str, Any]:
@@ -232,6 +248,7 @@ class EvalSettings:
 
     def __post_init__(self):
         _as_text(self, "model_uri")
+        _check_machine("eval", self.device, self.precision)
         if self.batch_size < 1:
             raise ConfigError(f"eval.batch_size must be positive, got {self.batch_size}")
 

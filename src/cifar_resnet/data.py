@@ -414,6 +414,11 @@ class _EpochShuffleSampler(Sampler[int]):
 
 
 def _seed_worker(worker_id: int, seed: int, epoch: int) -> None:
+    # Each worker is one of several processes on the cores: OpenCV's own thread pool
+    # per worker would oversubscribe them (torch already sets 1 thread in workers).
+    import cv2
+
+    cv2.setNumThreads(1)
     dataset = torch.utils.data.get_worker_info().dataset
     reseed_transform(dataset.transform, derive_seed(seed, epoch, _AUGMENT, worker_id))
 
@@ -443,13 +448,15 @@ def make_loader(
     num_workers: int = 0,
     seed: int = 0,
     epoch: int = 0,
+    pin_memory: bool = False,
 ) -> DataLoader:
     """One epoch's batches of (uint8 NCHW tensor, int64 labels).
 
     Order and augmentations are a function of (seed, epoch, num_workers): each
     worker reseeds its copy of ``transform`` from (seed, epoch, worker id), and
     iterating the loader again replays the same epoch. The caller's
-    ``transform`` is copied, never reseeded in place.
+    ``transform`` is copied, never reseeded in place. ``pin_memory`` only pays off
+    when the batches go on to a CUDA device.
     """
     if seed < 0 or epoch < 0:
         raise ValueError(f"seed and epoch must be >= 0, got {seed}, {epoch}")
@@ -469,7 +476,7 @@ def make_loader(
         # Worker base seeds come from here rather than from torch's global RNG,
         # which a loader should neither consume nor depend on.
         generator=torch.Generator().manual_seed(derive_seed(seed, epoch, _LOADER)),
-        pin_memory=torch.cuda.is_available(),
+        pin_memory=pin_memory,
         persistent_workers=False,
     )
 

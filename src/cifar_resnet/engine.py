@@ -37,28 +37,9 @@ class EpochLogger(Protocol):
 # --------------------------------------------------------------------------- device
 
 
-def resolve_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """``auto`` is bf16 where it is fast (CUDA with bf16 support, and CPU: ~3x here), else fp16."""
-    if precision == "fp32":
-        return None
-    if precision == "bf16":
-        return torch.bfloat16
-    if precision == "fp16":
-        return torch.float16
-    if precision == "auto":
-        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-            return torch.float16
-        return torch.bfloat16
-    raise ValueError(f"unknown precision {precision!r}; choose one of: auto, bf16, fp16, fp32")
-
-
 def autocast(device: torch.device, dtype: torch.dtype | None):
+    """Autocast to ``dtype`` on ``device``; no autocast (fp32) for None.
+    ``hardware.autocast_dtype`` turns a resolved precision into the dtype."""
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=dtype)

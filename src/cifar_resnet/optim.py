@@ -27,11 +27,14 @@ def build_optimizer(
     betas: tuple[float, float] = (0.9, 0.999),
     muon_lr: float = 0.24,
     muon_momentum: float = 0.6,
+    muon_dtype: torch.dtype = torch.float32,
 ) -> torch.optim.Optimizer:
     """A torch optimiser; a parameter group's ``lr_scale`` (see ``param_groups``) multiplies ``lr``.
 
     ``muon`` steps the groups marked ``orthogonal`` with Muon at ``muon_lr`` and
-    ``muon_momentum``, and the others as Nesterov SGD at ``lr`` and ``momentum``.
+    ``muon_momentum``, its Newton-Schulz iteration in ``muon_dtype`` (the run's
+    precision: bf16 where it is native, fp32 where bf16 would be emulated), and the
+    others as Nesterov SGD at ``lr`` and ``momentum``.
     """
     params = list(params)
     if params and isinstance(params[0], dict):
@@ -45,7 +48,7 @@ def build_optimizer(
         params = [{**group, "lr": muon_lr, "momentum": muon_momentum}
                   if group.get("orthogonal") else group for group in params]
         return Muon(params, lr=lr, momentum=momentum, nesterov=nesterov,
-                    weight_decay=weight_decay)
+                    weight_decay=weight_decay, ns_dtype=muon_dtype)
     # foreach keeps the parameter update at a handful of kernel launches per step.
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=nesterov,
@@ -64,14 +67,18 @@ def build_optimizer(
 NEWTON_SCHULZ_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 
 
-def orthogonalise(matrix: torch.Tensor, steps: int = 3, eps: float = 1e-7) -> torch.Tensor:
-    """Approximately U V^T for matrix = U S V^T, by a Newton-Schulz iteration in bf16.
+def orthogonalise(matrix: torch.Tensor, steps: int = 3, eps: float = 1e-7,
+                  dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """Approximately U V^T for matrix = U S V^T (2-D, any float dtype), by a
+    Newton-Schulz iteration computed in ``dtype``; returned in ``matrix``'s dtype.
 
     Not the exact polar factor: singular values come out between about 0.5 and 1.5,
-    which trains as well (Muon's finding) and costs a few small matmuls.
+    which trains as well (Muon's finding) and costs a few small matmuls. Muon runs it
+    in bf16 on GPUs; on a CPU without native bf16 that is emulated and slow, so the
+    optimiser passes the run's resolved precision.
     """
     a, b, c = NEWTON_SCHULZ_COEFFICIENTS
-    x = matrix.bfloat16()
+    x = matrix.to(dtype)
     x = x / (x.norm() + eps)  # every singular value <= 1: inside the iteration's basin
     wide = x.size(0) <= x.size(1)
     if not wide:
@@ -97,13 +104,15 @@ class Muon(torch.optim.Optimizer):
     """
 
     def __init__(self, params, lr: float, momentum: float = 0.9, nesterov: bool = True,
-                 weight_decay: float = 0.0, ns_steps: int = 3):
+                 weight_decay: float = 0.0, ns_steps: int = 3,
+                 ns_dtype: torch.dtype = torch.bfloat16):
         if lr < 0 or not 0.0 <= momentum < 1.0 or weight_decay < 0 or ns_steps < 1:
             raise ValueError(f"Muon needs lr >= 0, 0 <= momentum < 1, weight_decay >= 0 and "
                              f"ns_steps >= 1, got {lr}, {momentum}, {weight_decay}, {ns_steps}")
         defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
                         orthogonal=False, ns_steps=ns_steps)
         super().__init__(params, defaults)
+        self.ns_dtype = ns_dtype
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -128,8 +137,8 @@ class Muon(torch.optim.Optimizer):
                 update = grad.add(buffer, alpha=momentum) if group["nesterov"] else buffer
                 if orthogonal:
                     p.mul_(math.sqrt(p.size(0)) / (p.norm() + 1e-12))
-                    update = orthogonalise(update.reshape(p.size(0), -1),
-                                           group["ns_steps"]).view_as(p)
+                    update = orthogonalise(update.reshape(p.size(0), -1), group["ns_steps"],
+                                           dtype=self.ns_dtype).view_as(p)
                 p.add_(update, alpha=-group["lr"])
         return loss
 

@@ -5,6 +5,7 @@ stage hands in a logger and a checkpoint folder."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
 from pathlib import Path
 from typing import Callable, Iterable
@@ -14,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import data, engine
+from . import data, engine, hardware
 from .config import ConfigError, DataSettings, ModelSettings, TrainSettings
 from .gpu_augment import BatchAugment
 from .models import ImageClassifier, build_model, count_parameters
@@ -76,9 +77,39 @@ def train_batches(settings: TrainSettings, splits: data.CifarSplits,
         return data.make_loader(images, labels, batch_size, transform=transform,
                                 repeats=settings.data.repeats, shuffle=True, drop_last=drop_last,
                                 num_workers=settings.data.num_workers, seed=settings.seed,
-                                epoch=epoch)
+                                epoch=epoch, pin_memory=device.type == "cuda")
 
     return loader_epoch
+
+
+def prepare_machine(settings: TrainSettings,
+                    net: nn.Module | None = None) -> tuple[TrainSettings, torch.device]:
+    """Decide device, threads and precision once, for everything the run does next.
+
+    Returns ``settings`` with ``train.precision`` resolved (fp32, bf16 or fp16) and the
+    device. ``net`` lets ``precision: auto`` time both precisions where the hardware
+    checks cannot tell (see ``hardware.resolve_precision``).
+    """
+    t = settings.train
+    device = hardware.resolve_device(t.device)
+    hardware.configure_threads(t.threads)
+
+    def measure(dtype: torch.dtype | None) -> float:
+        probe = ImageClassifier(net, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+        return measure_images_per_second(probe, min(t.batch_size, 128), device, dtype)
+
+    precision = hardware.resolve_precision(t.precision, device,
+                                           measure=measure if net is not None else None)
+    configure_backend(device)
+    return dataclasses.replace(settings, train=dataclasses.replace(t, precision=precision)), device
+
+
+def machine_params(settings: TrainSettings, device: torch.device) -> dict[str, str | int]:
+    """What a run logs of the machine beside its config (which keeps the *requested*
+    precision): the resolved precision, the hardware and the threads."""
+    return {"resolved_precision": settings.train.precision, "device": str(device),
+            "hardware": hardware.describe(device), "cpu_class": hardware.cpu_class(),
+            "cpu_threads": torch.get_num_threads()}
 
 
 def configure_backend(device: torch.device) -> None:
@@ -91,6 +122,7 @@ def configure_backend(device: torch.device) -> None:
 
 def build_parts(settings: TrainSettings, net: nn.Module, splits: data.CifarSplits,
                 steps_per_epoch: int, device: torch.device) -> engine.TrainingParts:
+    amp = hardware.autocast_dtype(settings.train.precision)
     model = ImageClassifier(net, splits.mean, splits.std).to(device)
     # A data-dependent init (whitened_resnet's stem) sees unaugmented training images;
     # airbench fits its whitening on 5,000 of them.
@@ -102,15 +134,15 @@ def build_parts(settings: TrainSettings, net: nn.Module, splits: data.CifarSplit
                           orthogonal_filters=o.name == "muon")
     optimizer = build_optimizer(groups, o.name, lr=o.lr, weight_decay=o.weight_decay,
                                 momentum=o.momentum, nesterov=o.nesterov, betas=o.betas,
-                                muon_lr=o.muon_lr, muon_momentum=o.muon_momentum)
+                                muon_lr=o.muon_lr, muon_momentum=o.muon_momentum,
+                                muon_dtype=amp or torch.float32)
     s = settings.schedule
     total_steps = settings.train.epochs * steps_per_epoch
     scheduler = build_scheduler(optimizer, s.name, total_steps=total_steps,
                                 pct_start=s.pct_start, anneal_strategy=s.anneal_strategy,
                                 div_factor=s.div_factor, final_div_factor=s.final_div_factor)
-    amp = engine.autocast_dtype(settings.train.precision, device)
-    # fp16 needs loss scaling; bf16 has fp32's range and does not.
-    scaler = torch.amp.GradScaler(device.type) if amp == torch.float16 else None
+    scaler = (torch.amp.GradScaler(device.type)
+              if hardware.needs_grad_scaler(settings.train.precision) else None)
     lookahead = Lookahead(model.parameters(), o.lookahead_k, o.lookahead_alpha,
                           ramp_steps=total_steps if o.lookahead_ramp else 0) \
         if o.lookahead_k > 0 else None
@@ -131,7 +163,7 @@ def run_fit(settings: TrainSettings, splits: data.CifarSplits, parts: engine.Tra
     return engine.fit(
         parts, batches, splits.val_images, splits.val_labels, device,
         epochs=t.epochs, state=state, label_smoothing=t.label_smoothing,
-        amp_dtype=engine.autocast_dtype(t.precision, device), grad_clip=t.grad_clip,
+        amp_dtype=hardware.autocast_dtype(t.precision), grad_clip=t.grad_clip,
         patience=t.patience, eval_batch_size=t.eval_batch_size, channels_last=t.channels_last,
         compile=t.compile, checkpoint_dir=checkpoint_dir, checkpoint_extra=checkpoint_extra,
         logger=logger, progress=t.progress)
@@ -146,7 +178,7 @@ def test_chosen_checkpoint(settings: TrainSettings, splits: data.CifarSplits,
     parts.load_state_dict(engine.load_checkpoint(checkpoint_dir / "best.pt")["parts"])
     model = parts.eval_model()
     t = settings.train
-    amp = engine.autocast_dtype(t.precision, device)
+    amp = hardware.autocast_dtype(t.precision)
     test_loss, test_acc, logits = engine.evaluate(model, splits.test_images, splits.test_labels,
                                                   device, batch_size=t.eval_batch_size,
                                                   amp_dtype=amp)
@@ -162,26 +194,34 @@ def test_chosen_checkpoint(settings: TrainSettings, splits: data.CifarSplits,
 
 def measure_images_per_second(model: nn.Module, batch_size: int, device: torch.device,
                               amp_dtype: torch.dtype | None, steps: int = 2) -> float:
-    """Forward+backward speed of a throw-away copy of ``model`` on random pixels."""
-    probe = copy.deepcopy(model).to(device).train()
-    x = torch.randint(0, 256, (batch_size, 3, 32, 32), dtype=torch.uint8, device=device)
-    x = x.contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, 10, (batch_size,), device=device)
+    """Forward+backward images per second of a throw-away copy of ``model`` on random
+    pixels (uint8 NCHW, ``batch_size`` a step), under autocast to ``amp_dtype``.
 
-    def step() -> None:
-        with engine.autocast(device, amp_dtype):
-            loss = F.cross_entropy(probe(x), y)
-        loss.backward()
+    Leaves every random number generator as it found it, so probing the machine does
+    not change what the run's seed gives."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        probe = copy.deepcopy(model).to(device).train()
+        x = torch.randint(0, 256, (batch_size, 3, 32, 32), dtype=torch.uint8, device=device)
+        x = x.contiguous(memory_format=torch.channels_last)
+        y = torch.randint(0, 10, (batch_size,), device=device)
 
-    step()  # warm-up: allocator, kernel choice
+        def step() -> None:
+            with engine.autocast(device, amp_dtype):
+                loss = F.cross_entropy(probe(x), y)
+            loss.backward()
+
+        step()  # warm-up: allocator, kernel choice
+        _synchronize(device)
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        _synchronize(device)
+        return steps * batch_size / (time.perf_counter() - start)
+
+
+def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return steps * batch_size / (time.perf_counter() - start)
 
 
 def long_run_warning(settings: TrainSettings, train_images: int, net: nn.Module, mean, std,
@@ -194,7 +234,7 @@ def long_run_warning(settings: TrainSettings, train_images: int, net: nn.Module,
     if planned < 1_000_000:
         return None
     rate = measure_images_per_second(ImageClassifier(net, mean, std), t.batch_size, device,
-                                     engine.autocast_dtype(t.precision, device))
+                                     hardware.autocast_dtype(t.precision))
     hours = planned / rate / 3600
     if hours < hours_limit:
         return None

@@ -300,15 +300,18 @@ class Objective:
     """Validation accuracy (best epoch) of one trial's training."""
 
     def __init__(self, config: dict, space: list[Param], splits: data.CifarSplits,
-                 device: torch.device, epochs: int):
+                 device: torch.device, epochs: int, precision: str):
+        """``device`` and ``precision`` (resolved: fp32, bf16 or fp16) are the study
+        process's, decided once by ``pipeline.prepare_machine``."""
         if len(splits.val_labels) == 0:
             raise ConfigError("tune needs a validation split: data.val_size must be > 0")
         self.config, self.space, self.splits, self.device = config, space, splits, device
-        self.epochs = epochs
+        self.epochs, self.precision = epochs, precision
 
     def __call__(self, trial: optuna.Trial) -> float:
         params = {p.key: p.suggest(trial) for p in self.space}
-        settings = train_settings(with_values(self.config, {**params, "train.epochs": self.epochs}))
+        settings = train_settings(with_values(self.config, {**params, "train.epochs": self.epochs,
+                                                            "train.precision": self.precision}))
         pruned = None
         with tracking.nested_run(f"trial {trial.number}",
                                  tags={"optuna.trial_number": trial.number}) as run:

@@ -45,6 +45,43 @@ def mlproject_argv(argv: list[str], aliases: dict[str, str]) -> list[str]:
     return out
 
 
+AUTO_RECIPE = "auto"
+
+
+def recipe_for(device) -> str:
+    """The recipe ``recipe=auto`` means on ``device`` (a torch.device): ``best``
+    (accuracy first, sized for a GPU) on CUDA, ``fast`` (accuracy per CPU-minute)
+    on a CPU or MPS, where ``best`` would take a day or more."""
+    return "best" if device.type == "cuda" else "fast"
+
+
+def resolve_recipe(cfg, compose: Callable[[str], object]):
+    """Replace ``recipe=auto`` by the recipe for the device ``train.device`` resolves to.
+
+    ``compose(recipe)`` composes the same config again with ``recipe=<recipe>``.
+    Returns (config, requested): ``requested`` is "auto" when a choice was made here
+    (the caller prints and logs it), None when the config named its recipe.
+    """
+    from .. import hardware
+
+    if cfg.get("recipe") != AUTO_RECIPE:
+        return cfg, None
+    device = hardware.resolve_device(str(cfg.train.device))
+    return compose(recipe_for(device)), AUTO_RECIPE
+
+
+def hydra_recomposer(config_name: str) -> Callable[[str], object]:
+    """For ``resolve_recipe`` inside a ``@hydra.main`` app: this run's command-line
+    overrides, with its recipe replaced."""
+    from hydra import compose
+    from hydra.core.hydra_config import HydraConfig
+
+    overrides = [o for o in HydraConfig.get().overrides.task
+                 if not o.lstrip("+~").startswith("recipe=")]
+    return lambda recipe: compose(config_name=config_name,
+                                  overrides=[*overrides, f"recipe={recipe}"])
+
+
 class UserError(Exception):
     """Marker base for errors whose message alone tells the user what to fix."""
 

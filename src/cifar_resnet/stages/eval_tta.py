@@ -12,7 +12,7 @@ import time
 import hydra
 from omegaconf import DictConfig
 
-from .. import engine, pipeline, plots, registry, tracking
+from .. import engine, hardware, pipeline, plots, registry, tracking
 from ..config import (ConfigError, DataSettings, EvalSettings, section_settings,
                       to_container)
 from ..gpu_augment import TTA_VIEWS, tta_views
@@ -31,8 +31,12 @@ def main(cfg: DictConfig) -> None:
         raise ConfigError(f"unknown view set tta.name={views_name!r}; "
                           f"choose from {', '.join(TTA_VIEWS)}")
     views = tta_views(views_name)
-    device = engine.resolve_device(settings.device)
-    amp = engine.autocast_dtype(settings.precision, device)
+    device = hardware.resolve_device(settings.device)
+    hardware.configure_threads()
+    precision = hardware.resolve_precision(settings.precision, device)
+    amp = hardware.autocast_dtype(precision)
+    print(f"device {device}: {hardware.describe(device)}; precision {settings.precision} -> "
+          f"{precision}", flush=True)
     ref = registry.require_version(registry.resolve(settings.model_uri))
     model, class_names = load_classifier(registry.download_weights(ref))
     model.to(device)
@@ -46,7 +50,9 @@ def main(cfg: DictConfig) -> None:
               f"views {views_name} ({', '.join(TTA_VIEWS[views_name])})", flush=True)
         tracking.log_config(config, {"model_name": ref.name, "model_version": ref.version,
                                      "views": ",".join(TTA_VIEWS[views_name]),
-                                     "n_views": len(views), "device": str(device)})
+                                     "n_views": len(views), "device": str(device),
+                                     "resolved_precision": precision,
+                                     "hardware": hardware.describe(device)})
         accuracy = {}
         for suffix, view_set in (("", None), ("_tta", views)):
             start = time.perf_counter()

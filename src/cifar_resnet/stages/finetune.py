@@ -14,13 +14,14 @@ from omegaconf import DictConfig
 from .. import registry, tuning
 from ..config import FinetuneSettings, section_settings, to_container, train_settings
 from ..data import CIFAR10_CLASSES
-from . import CONF_DIR, UserError, launch, report_user_errors
+from . import CONF_DIR, UserError, hydra_recomposer, launch, report_user_errors, resolve_recipe
 from .train import train_and_register
 
 
 @hydra.main(config_path=CONF_DIR, config_name="finetune", version_base="1.3")
 @report_user_errors
 def main(cfg: DictConfig) -> None:
+    cfg, requested_recipe = resolve_recipe(cfg, hydra_recomposer("finetune"))
     config = to_container(cfg)
     settings = section_settings(FinetuneSettings, "finetune", config.pop("finetune"))
     source = registry.resolve(settings.model_uri)
@@ -44,7 +45,7 @@ def main(cfg: DictConfig) -> None:
     print(f"fine-tuning {source.label} ({saved['model_name']}) for "
           f"{config['train']['epochs']} epochs at lr {config['optim']['lr']}", flush=True)
     train_and_register(train_settings(config), config, initial_state_dict=saved["state_dict"],
-                       extra_tags=tags)
+                       extra_tags=tags, requested_recipe=requested_recipe)
 
 
 if __name__ == "__main__":

@@ -15,11 +15,11 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from .. import data, engine, pipeline, plots, tracking
+from .. import data, engine, hardware, pipeline, plots, tracking
 from ..config import ConfigError, TrainSettings, to_container, train_settings
 from ..models import count_parameters
 from ..serving import save_weights
-from . import CONF_DIR, launch, report_user_errors
+from . import CONF_DIR, hydra_recomposer, launch, report_user_errors, resolve_recipe
 
 CHECKPOINT_VERSION = 1
 
@@ -27,14 +27,18 @@ CHECKPOINT_VERSION = 1
 @hydra.main(config_path=CONF_DIR, config_name="train", version_base="1.3")
 @report_user_errors
 def main(cfg: DictConfig) -> None:
-    config = to_container(cfg)
-    resume = config.get("resume")
+    resume = cfg.get("resume")
     checkpoint = None
+    requested_recipe = None
     if resume:
-        checkpoint = load_resume_checkpoint(config, resume)
+        checkpoint = load_resume_checkpoint(to_container(cfg), resume)
         config = checkpoint["config"]  # the run continues with the config it started with
+    else:
+        cfg, requested_recipe = resolve_recipe(cfg, hydra_recomposer("train"))
+        config = to_container(cfg)
     settings = train_settings(config)
-    train_and_register(settings, config, resume_checkpoint=checkpoint, resume_run_id=resume)
+    train_and_register(settings, config, resume_checkpoint=checkpoint, resume_run_id=resume,
+                       requested_recipe=requested_recipe)
 
 
 def load_resume_checkpoint(config: dict, run_id: str) -> dict:
@@ -49,20 +53,27 @@ def train_and_register(settings: TrainSettings, config: dict, *,
                        resume_checkpoint: dict | None = None,
                        resume_run_id: str | None = None,
                        initial_state_dict: dict | None = None,
-                       extra_tags: dict[str, str] | None = None) -> dict:
+                       extra_tags: dict[str, str] | None = None,
+                       requested_recipe: str | None = None) -> dict:
     """Everything that can fail on bad input fails before a run is created.
 
     finetune passes ``initial_state_dict`` (trained ImageClassifier weights to start
-    from) and ``extra_tags`` (lineage, set on the run and the registered version)."""
+    from) and ``extra_tags`` (lineage, set on the run and the registered version).
+    ``requested_recipe`` is "auto" when the stage chose ``settings.recipe`` itself."""
+    # Seed first: the network's initial weights are part of what the seed fixes.
+    engine.seed_everything(settings.seed)
     net = pipeline.build_network(settings.model)
-    device = engine.resolve_device(settings.train.device)
+    requested_precision = settings.train.precision
+    settings, device = pipeline.prepare_machine(settings, net)
+    if requested_recipe:
+        print(f"recipe {requested_recipe} -> {settings.recipe} (device {device})", flush=True)
+    print(f"device {device}: {hardware.describe(device)}; precision {requested_precision} -> "
+          f"{settings.train.precision}", flush=True)
     splits = pipeline.load_data(settings.data)
-    pipeline.configure_backend(device)
     warning = pipeline.long_run_warning(settings, len(splits.train_labels), net, splits.mean,
                                         splits.std, device)
     if warning:
         print(warning, file=sys.stderr, flush=True)
-    engine.seed_everything(settings.seed)
     batches = pipeline.train_batches(settings, splits, device)
     parts = pipeline.build_parts(settings, net, splits,
                                  pipeline.steps_per_epoch(batches), device)
@@ -80,7 +91,10 @@ def train_and_register(settings: TrainSettings, config: dict, *,
         logger = tracking.EpochMetricLogger(run_id)
         state = None
         if resume_checkpoint is None:
-            tracking.log_config(config, run_params(settings, parts.model, device, splits))
+            params = run_params(settings, parts.model, device, splits)
+            if requested_recipe:
+                params["requested_recipe"] = requested_recipe
+            tracking.log_config(config, params)
         else:
             state = engine.restore(parts, resume_checkpoint)
             for epoch, metrics in engine.unlogged_epochs(state, logger.last_logged_epoch()):
@@ -124,7 +138,7 @@ def run_params(settings: TrainSettings, model: torch.nn.Module, device: torch.de
                splits: data.CifarSplits) -> dict:
     return {
         "parameters": count_parameters(model),
-        "device": str(device),
+        **pipeline.machine_params(settings, device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
         else platform.processor() or platform.machine(),
         "torch_version": torch.__version__,
@@ -132,7 +146,6 @@ def run_params(settings: TrainSettings, model: torch.nn.Module, device: torch.de
         "git_commit": tracking.git_commit(),
         "train_images": len(splits.train_labels),
         "val_images": len(splits.val_labels),
-        "cpu_threads": torch.get_num_threads(),
         **{f"data_md5.{name}": md5 for name, md5 in splits.md5.items()},
     }
 

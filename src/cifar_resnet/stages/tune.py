@@ -11,22 +11,28 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
-from .. import engine, pipeline, tracking, tuning
+from .. import hardware, pipeline, tracking, tuning
 from ..config import TuneSettings, section_settings, to_container, train_settings
-from . import CONF_DIR, launch, report_user_errors
+from . import CONF_DIR, hydra_recomposer, launch, report_user_errors, resolve_recipe
 
 
 @hydra.main(config_path=CONF_DIR, config_name="tune", version_base="1.3")
 @report_user_errors
 def main(cfg: DictConfig) -> None:
+    cfg, requested_recipe = resolve_recipe(cfg, hydra_recomposer("tune"))
     config = to_container(cfg)
     tune_section = config.pop("tune")
     settings = section_settings(TuneSettings, "tune", tune_section)
     base = train_settings(config)  # the trials' common config, checked once
     space = tuning.parse_space(settings.space, config)
-    device = engine.resolve_device(base.train.device)
+    base, device = pipeline.prepare_machine(base, pipeline.build_network(base.model))
+    if requested_recipe:
+        print(f"recipe {requested_recipe} -> {base.recipe} (device {device})", flush=True)
+    print(f"device {device}: {hardware.describe(device)}; precision {config['train']['precision']}"
+          f" -> {base.train.precision}", flush=True)
     splits = tuning.without_test_set(pipeline.load_data(base.data))
-    objective = tuning.Objective(config, space, splits, device, settings.epochs)
+    objective = tuning.Objective(config, space, splits, device, settings.epochs,
+                                 base.train.precision)
     study = tuning.open_study(settings)
 
     storage = tuning.describe_storage(settings.storage)  # no password in logs, params or YAML
@@ -35,8 +41,11 @@ def main(cfg: DictConfig) -> None:
         print(f"MLflow run {run.info.run_id} (experiment {run.info.experiment_id}); "
               f"study {settings.study_name!r} in {storage}", flush=True)
         tracking.log_config({**config, "tune": {**tune_section, "storage": storage}},
-                            {"device": str(device), "train_images": len(splits.train_labels),
-                             "val_images": len(splits.val_labels)})
+                            {**pipeline.machine_params(base, device),
+                             "train_images": len(splits.train_labels),
+                             "val_images": len(splits.val_labels),
+                             **({"requested_recipe": requested_recipe} if requested_recipe
+                                else {})})
         ran = tuning.optimize(study, objective, settings)
         summary = tuning.log_summary(study)
         tracking.log_metrics({"trials_run": ran})

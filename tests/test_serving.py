@@ -95,6 +95,42 @@ TRUNCATED_PNG = encode(noise(64, 64))[:2000]
 RGBA_200x150 = noise(150, 200, 4, seed=1)
 
 
+def png16(pixels: np.ndarray) -> bytes:
+    """A 16-bit PNG of uint16 (H, W, C) pixels, C = 1 grey, 2 grey+alpha, 3 RGB, 4 RGBA,
+    written by hand: Pillow writes 16-bit grey but no 16-bit colour."""
+    height, width, channels = pixels.shape
+    color_type = {1: 0, 2: 4, 3: 2, 4: 6}[channels]
+    rows = pixels.astype(">u2").reshape(height, -1)
+    raw = b"".join(b"\x00" + row.tobytes() for row in rows)  # filter type 0 per row
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        crc = struct.pack(">I", zlib.crc32(kind + body))
+        return struct.pack(">I", len(body)) + kind + body + crc
+
+    return (b"\x89PNG\r\n\x1a\n"
+            + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 16, color_type, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+
+
+def bmp555(pixels: np.ndarray) -> bytes:
+    """A 16-bit (5-5-5) BMP of (H, W) uint16 pixels, bottom-up as BMPs store them."""
+    height, width = pixels.shape
+    rows = [pixels[y].astype("<u2").tobytes() for y in range(height - 1, -1, -1)]
+    rows = [row + b"\x00" * (-len(row) % 4) for row in rows]
+    body = b"".join(rows)
+    info = struct.pack("<IiiHHIIiiII", 40, width, height, 1, 16, 0, len(body), 2835, 2835, 0, 0)
+    return b"BM" + struct.pack("<IHHI", 54 + len(body), 0, 0, 54) + info + body
+
+
+def bmp_ending_in_zero() -> bytes:
+    """A valid 33x33 24-bit BMP: 99-byte rows are padded to 100 with a zero byte, so
+    the file's last byte is 0."""
+    data = encode(noise(33, 33, seed=7), "BMP")
+    assert data[-1] == 0
+    return data
+
+
+
 def frame(files: list[bytes]) -> pd.DataFrame:
     return pd.DataFrame({"image": [b64(f) for f in files]})
 
@@ -131,6 +167,7 @@ def assert_rejected(call, *fragments: str) -> None:
     with pytest.raises(MlflowException) as caught:
         call()
     assert caught.value.get_http_status_code() == 400
+    assert caught.value.error_code == "INVALID_PARAMETER_VALUE"
     for fragment in fragments:
         assert fragment in caught.value.message
 
@@ -159,6 +196,146 @@ def test_grayscale_and_rgba_become_rgb():
 def test_other_sizes_are_resized_with_area_interpolation():
     expected = cv2.resize(RGBA_200x150[..., :3], (32, 32), interpolation=cv2.INTER_AREA)
     assert np.array_equal(decode_image(encode(RGBA_200x150), 100_000), expected)
+
+
+# --------------------------------------------------------------------------- image modes
+
+
+def grey(values: np.ndarray) -> np.ndarray:
+    return np.repeat(values[..., None], 3, axis=2).astype(np.uint8)
+
+
+def test_16bit_grey_png_is_scaled_not_clipped():
+    data = encode(np.full((32, 32), 32768, np.uint16))
+    assert Image.open(io.BytesIO(data)).mode == "I;16"  # the file is 16-bit grey
+    decoded = decode_image(data, 10_000)
+    assert np.abs(decoded.astype(int) - 128).max() <= 1  # 50% grey, not white
+
+
+def test_16bit_grey_ramp_keeps_every_level_in_order():
+    ramp = np.linspace(0, 65535, 1024).round().astype(np.uint16).reshape(32, 32)
+    decoded = decode_image(encode(ramp), 10_000)
+    assert (decoded == decoded[..., :1]).all()
+    levels = decoded[..., 0].ravel().astype(int)
+    assert (np.diff(levels) >= 0).all() and len(np.unique(levels)) == 256
+    np.testing.assert_array_equal(levels, np.round(ramp.ravel() / 257))
+    # 8-bit values widened the standard way (x 257) come back exactly.
+    exact = (np.arange(1024) // 4).astype(np.uint16).reshape(32, 32)
+    assert np.array_equal(decode_image(encode(exact * 257), 10_000), grey(exact))
+
+
+@pytest.mark.parametrize("channels", [2, 3, 4], ids=["grey+alpha", "RGB", "RGBA"])
+def test_16bit_colour_pngs_are_scaled_too(channels):
+    half = np.full((32, 32, channels), 32768, np.uint16)
+    assert np.abs(decode_image(png16(half), 10_000).astype(int) - 128).max() <= 1
+    # Each colour channel keeps its own level: Pillow keeps the high byte.
+    ramp = (np.arange(32 * 32 * channels, dtype=np.uint32) * 64 % 65536).astype(np.uint16)
+    ramp = ramp.reshape(32, 32, channels)
+    expected = grey(ramp[..., 0] >> 8) if channels == 2 else (ramp[..., :3] >> 8).astype(np.uint8)
+    assert np.array_equal(decode_image(png16(ramp), 10_000), expected)
+
+
+def test_1_2_and_4_bit_grey_pngs_span_the_full_range():
+    levels = np.array([0, 85, 170, 255], np.uint8)[np.arange(1024) % 4].reshape(32, 32)
+    for bits in (2, 4):
+        assert np.array_equal(decode_image(encode(levels, bits=bits), 10_000), grey(levels))
+    black_white = levels >= 128
+    assert Image.open(io.BytesIO(encode(black_white))).mode == "1"
+    assert np.array_equal(decode_image(encode(black_white), 10_000), grey(black_white * 255))
+
+
+PALETTE = np.random.default_rng(3).integers(0, 256, (256, 3), dtype=np.uint8)
+INDICES = np.random.default_rng(4).integers(0, 256, (32, 32), dtype=np.uint8)
+
+
+def palette_image(mode: str = "P", alpha: np.ndarray | None = None) -> Image.Image:
+    raw = INDICES if alpha is None else np.stack([INDICES, alpha], -1)
+    image = Image.frombytes(mode, (32, 32), np.ascontiguousarray(raw).tobytes())
+    image.putpalette(PALETTE.tobytes())
+    return image
+
+
+def test_palette_la_cmyk_and_16bit_bmp_files_decode_to_their_colours():
+    transparent = palette_image()
+    transparent.info["transparency"] = int(INDICES[0, 0])
+    for fmt in ("PNG", "BMP"):
+        buffer = io.BytesIO()
+        (transparent if fmt == "PNG" else palette_image()).save(buffer, format=fmt)
+        assert Image.open(buffer).mode == "P"
+        assert np.array_equal(decode_image(buffer.getvalue(), 10_000), PALETTE[INDICES])
+
+    la = noise(32, 32, 2, seed=5)
+    assert np.array_equal(decode_image(encode(la), 10_000), grey(la[..., 0]))
+
+    cmyk = Image.new("CMYK", (32, 32), (0, 255, 255, 0))  # full magenta + yellow = red
+    cmyk.paste((0, 0, 0, 128), (0, 16, 32, 32))  # half black = mid grey
+    buffer = io.BytesIO()
+    cmyk.save(buffer, format="JPEG", quality=95)
+    assert Image.open(buffer).mode == "CMYK"
+    decoded = decode_image(buffer.getvalue(), 10_000).astype(int)
+    assert np.abs(decoded[:12] - [255, 0, 0]).max() <= 3
+    assert np.abs(decoded[20:] - 127).max() <= 3
+
+    # 5 bits per channel: 31 -> 255, 16 -> 131 (x 255 / 31).
+    pixels = np.array([[0x7FFF, 31 << 10, 31 << 5, 16]], np.uint16).repeat(32, 0).repeat(8, 1)
+    expected = np.array([[255, 255, 255], [255, 0, 0], [0, 255, 0], [0, 0, 131]]).repeat(8, 0)
+    assert np.array_equal(decode_image(bmp555(pixels), 10_000),
+                          np.broadcast_to(expected, (32, 32, 3)))
+
+
+def image_of(mode: str, array: np.ndarray) -> Image.Image:
+    return Image.frombytes(mode, (32, 32), np.ascontiguousarray(array).tobytes())
+
+
+RGBX = noise(32, 32, 4, seed=6)
+RAMP16 = np.linspace(0, 65535, 1024).round().astype(np.uint16).reshape(32, 32)
+CMYK_COLOURS = np.array([[0, 0, 0, 0], [255, 0, 0, 0], [0, 0, 0, 255], [0, 0, 0, 128]], np.uint8)
+# mode -> (a function making an image of that mode, the RGB pixels it must become;
+# None: refused)
+MODES = {
+    "1": (lambda: image_of("L", ((RGBX[..., 0] > 127) * 255).astype(np.uint8)).convert("1"),
+          grey((RGBX[..., 0] > 127) * 255)),
+    "L": (lambda: image_of("L", RGBX[..., 0]), grey(RGBX[..., 0])),
+    "LA": (lambda: image_of("LA", RGBX[..., :2]), grey(RGBX[..., 0])),
+    "P": (palette_image, PALETTE[INDICES]),
+    "PA": (lambda: palette_image("PA", RGBX[..., 3]), PALETTE[INDICES]),
+    "RGB": (lambda: image_of("RGB", RGBX[..., :3]), RGBX[..., :3]),
+    "RGBX": (lambda: image_of("RGBX", RGBX), RGBX[..., :3]),
+    "RGBA": (lambda: image_of("RGBA", RGBX), RGBX[..., :3]),
+    # white, cyan, black, mid grey: (255 - C) * (255 - K) / 255 per channel
+    "CMYK": (lambda: image_of("CMYK", CMYK_COLOURS.repeat(256, 0).reshape(32, 32, 4)),
+             np.array([[255] * 3, [0, 255, 255], [0] * 3, [127] * 3], np.uint8)
+             .repeat(256, 0).reshape(32, 32, 3)),
+    # Y with neutral chroma is grey; Y=76, Cb=85, Cr=255 is JPEG's pure red.
+    "YCbCr": (lambda: image_of("YCbCr", np.array([[200, 128, 128], [76, 85, 255]], np.uint8)
+                              .repeat(512, 0).reshape(32, 32, 3)),
+              np.array([[200] * 3, [254, 0, 0]], np.uint8).repeat(512, 0).reshape(32, 32, 3)),
+    **{mode: (lambda mode=mode, dtype=dtype: image_of(mode, RAMP16.astype(dtype)),
+              grey(np.round(RAMP16 / 257)))
+       for mode, dtype in [("I;16", "<u2"), ("I;16L", "<u2"), ("I;16B", ">u2"), ("I;16N", "=u2")]},
+    "I": (lambda: image_of("I", RAMP16.astype(np.int32)), None),
+    "F": (lambda: image_of("F", (RAMP16 / 65535).astype(np.float32)), None),
+    "La": (lambda: image_of("La", RGBX[..., :2]), None),
+    "RGBa": (lambda: image_of("RGBa", RGBX), None),
+    "LAB": (lambda: image_of("LAB", RGBX[..., :3]), None),
+    "HSV": (lambda: image_of("HSV", RGBX[..., :3]), None),
+}
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_each_mode_becomes_8bit_rgb_or_a_400_that_names_it(mode, monkeypatch):
+    make, expected = MODES[mode]
+    image = make()
+    assert image.mode == mode
+    # No PNG, JPEG, BMP or WebP opens as most of these modes: hand the image to the
+    # decoder as if Pillow had read it from the request's file.
+    monkeypatch.setattr(serving.Image, "open", lambda fp, formats=None: image)
+    call = lambda: to_images(pd.DataFrame({"image": [b"a file"]}), Limits())  # noqa: E731
+    if expected is None:
+        assert_rejected(call, f"image 0: has image mode {mode!r}", "accepted modes")
+    else:
+        tolerance = 1 if mode in ("CMYK", "YCbCr") else 0  # Pillow's integer colour maths
+        assert np.abs(call()[0].astype(int) - expected).max() <= tolerance
 
 
 @pytest.mark.parametrize("data, reason", [

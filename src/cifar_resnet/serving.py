@@ -122,9 +122,69 @@ def _png_size(data: bytes) -> tuple[int, int] | None:
     return None
 
 
+# Pillow modes whose samples are unsigned 16-bit integers: 16-bit grayscale PNGs open
+# as "I;16" (Pillow >= 10.3); the others are the same data in another byte order.
+_GREY16_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+# 8-bit modes that Pillow converts to RGB with a defined meaning for every value.
+# Those with a palette or alpha go through RGBA: Pillow applies a palette's
+# transparency there (converting such an image straight to RGB makes it warn), and
+# alpha is then dropped, as for RGBA files.
+_VIA_RGBA_MODES = ("LA", "P", "PA", "RGBA")
+_VIA_RGB_MODES = ("1", "L", "RGB", "RGBX", "CMYK", "YCbCr")
+ACCEPTED_MODES = _VIA_RGB_MODES + _VIA_RGBA_MODES + _GREY16_MODES
+# Refused rather than converted: "I" and "F" have no range to scale from, and Pillow's
+# convert() would clip them (as it turns a 16-bit 50% grey white); no PNG, JPEG, BMP or
+# WebP decodes to the others, so a conversion of them could never be checked on a file.
+_NOT_FROM_OUR_FORMATS = "which no PNG, JPEG, BMP or WebP decodes to"
+_REFUSED_MODES = {
+    "I": "32-bit signed integers, with no fixed range to scale to 0..255",
+    "F": "32-bit floats, whose range (0..1, 0..255 or other) the file does not say",
+    "La": f"premultiplied alpha, {_NOT_FROM_OUR_FORMATS}",
+    "RGBa": f"premultiplied alpha, {_NOT_FROM_OUR_FORMATS}",
+    "LAB": f"CIELAB, {_NOT_FROM_OUR_FORMATS}",
+    "HSV": f"hue, saturation, value, {_NOT_FROM_OUR_FORMATS}",
+}
+
+
+def rgb_pixels(image: Image.Image) -> np.ndarray:
+    """A decoded Pillow image -> (H, W, 3) uint8 RGB, every mode scaled to 0..255.
+
+    8-bit modes convert as Pillow defines them (1-bit: 0 or 255; palette: its colours;
+    CMYK and YCbCr: Pillow's colour conversion); alpha is dropped, not composited.
+    16-bit grey ("I;16", "I;16B", ...) becomes round(value / 257), so 0..65535 maps
+    onto 0..255 and 257*k onto k exactly. (16-bit colour and grey+alpha PNGs arrive
+    from Pillow already as 8-bit RGB(A), value // 256: within 1 level of value / 257.)
+
+    Raises ValueError naming the mode for every other mode ("I", "F", signed or 32-bit
+    integer modes, "La", "RGBa", "LAB", "HSV"): none of PNG, JPEG, BMP or WebP decodes
+    to them with Pillow >= 10.3, and converting them would need a range they lack.
+    """
+    mode = image.mode
+    if mode in _GREY16_MODES:
+        values = np.asarray(image).astype(np.uint32)  # any byte order -> native
+        grey = ((2 * values + 257) // 514).astype(np.uint8)  # round(values / 257)
+        return np.repeat(grey[..., None], 3, axis=2)
+    if mode in _VIA_RGBA_MODES:
+        return np.asarray(image.convert("RGBA"))[..., :3]
+    if mode in _VIA_RGB_MODES:
+        return np.asarray(image if mode == "RGB" else image.convert("RGB"))
+    raise ValueError(_mode_refusal(mode))
+
+
+def _mode_refusal(mode: str) -> str:
+    why = _REFUSED_MODES.get(mode) or (
+        f"integers of another width or sign, {_NOT_FROM_OUR_FORMATS}" if mode.startswith("I;")
+        else "unknown to this model")
+    return (f"has image mode {mode!r} ({why}); accepted modes: "
+            f"{', '.join(_VIA_RGB_MODES + _VIA_RGBA_MODES)} and 16-bit grey "
+            f"({', '.join(_GREY16_MODES)})")
+
+
 def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
-    """One encoded image file -> (32, 32, 3) uint8 RGB. Raises ValueError saying what
-    is wrong with the file."""
+    """One encoded image file -> (32, 32, 3) uint8 RGB (see ``rgb_pixels`` for how each
+    image mode becomes RGB). Raises ValueError saying what is wrong with the file: not
+    an image of the four formats, a zero or over-``max_pixels`` size, a mode that has no
+    fixed range, corrupt or truncated pixel data."""
     if len(data) == 0:
         raise ValueError("is empty")
     try:
@@ -146,9 +206,11 @@ def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
         if width * height > max_pixels:
             raise ValueError(f"is {width}x{height} = {width * height:,} pixels, over the limit "
                              f"of {max_pixels:,} ({ENV_PREFIX}MAX_PIXELS)")
+        if image.mode not in ACCEPTED_MODES:  # known from the header: refused undecoded
+            raise ValueError(_mode_refusal(image.mode))
         try:
             # Phone photos store their rotation in EXIF; undo it as an image viewer would.
-            pixels = np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
+            pixels = rgb_pixels(ImageOps.exif_transpose(image))
         except Exception as error:  # noqa: BLE001 - truncated or corrupt pixel data
             raise ValueError(f"could not be decoded: {type(error).__name__}: {error}") from None
     if pixels.shape[:2] != (IMAGE_SIZE, IMAGE_SIZE):

@@ -26,9 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import torch  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 
-from cifar_resnet import engine, hardware, pipeline  # noqa: E402
+from cifar_resnet import hardware, pipeline, training  # noqa: E402
 from cifar_resnet.config import train_settings  # noqa: E402
-from cifar_resnet.models import count_parameters  # noqa: E402
 from cifar_resnet.stages import CONF_DIR, resolve_recipe  # noqa: E402
 
 
@@ -50,22 +49,16 @@ def run_once(overrides: list[str], seed: int, splits_cache: dict) -> dict:
     if key not in splits_cache:
         splits_cache[key] = pipeline.load_data(d)
     splits = splits_cache[key]
-    engine.seed_everything(seed)
-    net = pipeline.build_network(settings.model)
-    settings, device = pipeline.prepare_machine(settings, net)
+    settings, device = pipeline.prepare_machine(settings)
     start = time.perf_counter()
-    batches = pipeline.train_batches(settings, splits, device)
-    parts = pipeline.build_parts(settings, net, splits,
-                                 pipeline.steps_per_epoch(batches), device)
     with tempfile.TemporaryDirectory() as tmp:
-        state = pipeline.run_fit(settings, splits, parts, batches, device,
-                                 checkpoint_dir=Path(tmp))
+        run, state = training.train(settings, splits, device, checkpoint_dir=Path(tmp))
         fit_seconds = time.perf_counter() - start
-        tested, _ = pipeline.test_chosen_checkpoint(settings, splits, parts, Path(tmp), device)
+        tested, _ = training.test_once(run, Path(tmp))
     history = state.history
     return {
         "overrides": " ".join(overrides), "seed": seed, "recipe": settings.recipe,
-        "model": settings.model.name, "parameters": count_parameters(net),
+        "model": settings.model.name, "parameters": run.parameters,
         "device": device_name(device), "epochs": state.epoch,
         "precision": settings.train.precision, "cpu_class": hardware.cpu_class(),
         "train_seconds": round(sum(m["epoch_seconds"] for m in history), 2),

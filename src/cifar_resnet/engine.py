@@ -52,7 +52,14 @@ def seed_everything(seed: int) -> None:
 
 
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(),
+    """Every generator's state as tensors and numbers, so that a checkpoint loads with
+    ``torch.load(weights_only=True)``."""
+    version, mt_state, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": {"version": version, "state": torch.tensor(mt_state, dtype=torch.int64),
+                        "gauss": gauss},
+             "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)),
+                       "pos": pos, "has_gauss": has_gauss, "cached": cached},
              "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -60,8 +67,10 @@ def rng_state() -> dict:
 
 
 def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    py, nps = state["python"], state["numpy"]
+    random.setstate((py["version"], tuple(py["state"].tolist()), py["gauss"]))
+    np.random.set_state((nps["kind"], nps["keys"].numpy().astype(np.uint32), nps["pos"],
+                         nps["has_gauss"], nps["cached"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -234,7 +243,13 @@ class TrainingParts:
     ema: ModelEMA | None = None
 
     def eval_model(self) -> nn.Module:
-        return self.ema.module if self.ema is not None else self.model
+        """The weights the recipe means: the EMA's when it keeps one, else Lookahead's
+        slow weights (in a copy, so training goes on from the fast ones), else the model."""
+        if self.ema is not None:
+            return self.ema.module
+        if self.lookahead is not None:
+            return self.lookahead.slow_model(self.model)
+        return self.model
 
     def state_dict(self) -> dict:
         return {name: part.state_dict() for name, part in vars(self).items() if part is not None}
@@ -255,8 +270,9 @@ def save_checkpoint(path: Path, parts: TrainingParts, state: TrainState, extra: 
 
 
 def load_checkpoint(path: Path, map_location="cpu") -> dict:
-    # weights_only=False: the checkpoint holds RNG states and plain config dicts we wrote ourselves.
-    return torch.load(path, map_location=map_location, weights_only=False)
+    """A checkpoint written by ``save_checkpoint``. weights_only: checkpoints travel as
+    MLflow artifacts, and unpickling someone else's file must not run their code."""
+    return torch.load(path, map_location=map_location, weights_only=True)
 
 
 def restore(parts: TrainingParts, checkpoint: dict) -> TrainState:
@@ -310,17 +326,20 @@ def fit(
         metrics = {"train_loss": result.loss, "train_acc": result.acc, "lr": lr,
                    "epoch_seconds": result.seconds,
                    "images_per_second": result.images_per_second}
+        val_acc = -1.0
         if len(val_labels):
             val_loss, val_acc, _ = evaluate(parts.eval_model(), val_images, val_labels, device,
                                             batch_size=eval_batch_size, amp_dtype=amp_dtype)
             metrics.update(val_loss=val_loss, val_acc=val_acc)
-        else:  # no validation split: the last epoch is the chosen one
-            val_acc = result.acc
         state.epoch = epoch
         state.history.append(metrics)
-        improved = val_acc > state.best_val_acc
+        # No validation split (a final fit on all the training images): nothing to
+        # choose by, so every epoch replaces the last and the last one is taken.
+        improved = val_acc > state.best_val_acc if len(val_labels) else True
         if improved:
             state.best_val_acc, state.best_epoch, state.epochs_since_best = val_acc, epoch, 0
+        if state.epoch == epochs and parts.lookahead is not None:
+            parts.lookahead.sync()  # as airbench ends: the model takes the slow weights
         else:
             state.epochs_since_best += 1
         state.stopped_early = patience > 0 and state.epochs_since_best >= patience

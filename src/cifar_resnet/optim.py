@@ -215,6 +215,20 @@ class Lookahead:
         torch._foreach_lerp_(self.slow, fast, self.current_alpha())
         torch._foreach_copy_(fast, self.slow)
 
+    @torch.no_grad()
+    def sync(self) -> None:
+        """Copy the slow weights into the model (airbench's last step)."""
+        torch._foreach_copy_([p.data for p in self.params], self.slow)
+
+    @torch.no_grad()
+    def slow_model(self, model: nn.Module) -> nn.Module:
+        """A copy of ``model`` (whose parameters this Lookahead steps) holding the slow
+        weights, with the model's buffers (BN statistics): what evaluation sees."""
+        copy_ = copy.deepcopy(model)
+        trainable = [p for p in copy_.parameters() if p.requires_grad]
+        torch._foreach_copy_([p.data for p in trainable], self.slow)
+        return copy_
+
     def state_dict(self) -> dict:
         return {"slow": [s.clone() for s in self.slow], "fast_steps": self.fast_steps,
                 "k": self.k, "alpha": self.alpha}

@@ -82,24 +82,25 @@ def train_batches(settings: TrainSettings, splits: data.CifarSplits,
     return loader_epoch
 
 
-def prepare_machine(settings: TrainSettings,
-                    net: nn.Module | None = None) -> tuple[TrainSettings, torch.device]:
+def prepare_machine(settings: TrainSettings) -> tuple[TrainSettings, torch.device]:
     """Decide device, threads and precision once, for everything the run does next.
 
     Returns ``settings`` with ``train.precision`` resolved (fp32, bf16 or fp16) and the
-    device. ``net`` lets ``precision: auto`` time both precisions where the hardware
-    checks cannot tell (see ``hardware.resolve_precision``).
+    device. Where the hardware checks cannot tell, ``precision: auto`` times both
+    precisions on the run's network (see ``hardware.resolve_precision``); that leaves
+    the random state alone.
     """
     t = settings.train
     device = hardware.resolve_device(t.device)
     hardware.configure_threads(t.threads)
 
     def measure(dtype: torch.dtype | None) -> float:
+        with torch.random.fork_rng(devices=[]):
+            net = build_network(settings.model)
         probe = ImageClassifier(net, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
         return measure_images_per_second(probe, min(t.batch_size, 128), device, dtype)
 
-    precision = hardware.resolve_precision(t.precision, device,
-                                           measure=measure if net is not None else None)
+    precision = hardware.resolve_precision(t.precision, device, measure=measure)
     configure_backend(device)
     return dataclasses.replace(settings, train=dataclasses.replace(t, precision=precision)), device
 
@@ -186,7 +187,8 @@ def test_chosen_checkpoint(settings: TrainSettings, splits: data.CifarSplits,
     if t.tta != "none":
         from .gpu_augment import tta_views
 
-        _, summary["test_acc_tta"], _ = engine.evaluate(
+        # The view set is part of the name: flip and flip_shift are different measurements.
+        _, summary[f"test_acc_tta_{t.tta}"], _ = engine.evaluate(
             model, splits.test_images, splits.test_labels, device,
             batch_size=t.eval_batch_size, amp_dtype=amp, views=tta_views(t.tta))
     return summary, logits
@@ -224,16 +226,17 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def long_run_warning(settings: TrainSettings, train_images: int, net: nn.Module, mean, std,
+def long_run_warning(settings: TrainSettings, train_images: int, model: nn.Module,
                      device: torch.device, hours_limit: float = 1.0) -> str | None:
     """A warning with an estimate when the training would take hours here.
 
-    Only runs the probe for big jobs, so smoke runs and tests start at once."""
+    ``model`` is the run's ImageClassifier (a copy is timed). Only runs the probe for
+    big jobs, so smoke runs and tests start at once."""
     t = settings.train
     planned = t.epochs * train_images * settings.data.repeats
     if planned < 1_000_000:
         return None
-    rate = measure_images_per_second(ImageClassifier(net, mean, std), t.batch_size, device,
+    rate = measure_images_per_second(model, t.batch_size, device,
                                      hardware.autocast_dtype(t.precision))
     hours = planned / rate / 3600
     if hours < hours_limit:

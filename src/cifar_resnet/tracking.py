@@ -40,13 +40,44 @@ def training_run(experiment_name: str, resume_run_id: str | None = None,
         if launcher_run and launcher_run != resume_run_id:
             MlflowClient().set_tag(launcher_run, "cifar_resnet.resumed_run", resume_run_id)
             os.environ.pop("MLFLOW_RUN_ID")
-        with mlflow.start_run(run_id=resume_run_id) as run:
+        with _killed_on_interrupt(mlflow.start_run(run_id=resume_run_id)) as run:
             yield run
         return
     if not launcher_run:
         mlflow.set_experiment(experiment_name)
-    with mlflow.start_run(run_name=run_name, tags=tags) as run:
+    with _killed_on_interrupt(mlflow.start_run(run_name=run_name, tags=tags)) as run:
         yield run
+
+
+@contextlib.contextmanager
+def _killed_on_interrupt(active: mlflow.ActiveRun) -> Iterator[mlflow.ActiveRun]:
+    """A run stopped from outside (SIGTERM, Ctrl-C) ends KILLED, not FAILED: it did not
+    go wrong, and ``resume=<run id>`` continues it."""
+    with active as run:
+        try:
+            yield run
+        except (KeyboardInterrupt, SystemExit) as err:
+            if not isinstance(err, SystemExit) or err.code not in (0, None):
+                mlflow.end_run("KILLED")
+            raise
+        except Exception as err:
+            if type(err).__name__ == "Terminated":  # experiment.Terminated (SIGTERM)
+                mlflow.end_run("KILLED")
+            raise
+
+
+def run_status(run_id: str) -> str | None:
+    """RUNNING, FINISHED, FAILED, KILLED or SCHEDULED; None when there is no such run."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return MlflowClient().get_run(run_id).info.status
+    except MlflowException:
+        return None
+
+
+def tracking_uri() -> str:
+    return mlflow.get_tracking_uri()
 
 
 @contextlib.contextmanager
@@ -94,12 +125,52 @@ def log_config(config: dict, extra_params: dict[str, Any]) -> None:
     """The resolved config as flattened params and as a YAML artifact."""
     params = {**flatten(config), **extra_params}
     mlflow.log_params({k: _param_value(v) for k, v in params.items()})
-    mlflow.log_text(yaml.safe_dump(config, sort_keys=False), "config/resolved.yaml")
+    mlflow.log_text(dump_config(config), "config/resolved.yaml")
+
+
+def dump_config(config: dict) -> str:
+    """The config as YAML text: how it travels in checkpoints and artifacts."""
+    return yaml.safe_dump(config, sort_keys=False)
+
+
+def log_environment() -> None:
+    """The installed packages (``pip freeze`` format) as ``environment/requirements.txt``:
+    with the seed and the resolved precision, what it takes to get the same run again."""
+    from importlib import metadata
+
+    lines = sorted({f"{d.metadata['Name']}=={d.version}" for d in metadata.distributions()
+                    if d.metadata["Name"]}, key=str.lower)
+    mlflow.log_text("\n".join(lines) + "\n", "environment/requirements.txt")
+
+
+def log_dataset(md5: dict[str, str], train: int, val: int, test: int, split_seed: int) -> None:
+    """The data set as an MLflow input (the UI's Datasets column): CIFAR-10, named by the
+    MD5 digest of its batch files, with the split sizes and split seed."""
+    import hashlib
+
+    from mlflow.data.http_dataset_source import HTTPDatasetSource
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.types import ColSpec, DataType, Schema
+
+    digest = hashlib.md5("".join(f"{k}:{v};" for k, v in sorted(md5.items())).encode())
+    dataset = MetaDataset(
+        source=HTTPDatasetSource("https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"),
+        name="cifar10", digest=digest.hexdigest()[:8],
+        schema=Schema([ColSpec(DataType.binary, "image"), ColSpec(DataType.long, "label")]))
+    mlflow.log_input(dataset, context="training", tags={
+        "train_images": str(train), "val_images": str(val), "test_images": str(test),
+        "split_seed": str(split_seed)})
 
 
 def _param_value(value: Any) -> str:
     text = "None" if value is None else str(value)
     return text if len(text) <= _MAX_PARAM_CHARS else text[: _MAX_PARAM_CHARS - 3] + "..."
+
+
+def processor_name() -> str:
+    import platform
+
+    return platform.processor() or platform.machine()
 
 
 def git_commit() -> str:
@@ -131,10 +202,13 @@ def log_files(paths: list[Path], artifact_path: str | None = None) -> None:
         mlflow.log_artifact(str(path), artifact_path)
 
 
-def register_model(model_uri: str, name: str, tags: dict[str, Any]) -> Any:
-    """Register ``model_uri`` as a new version of ``name`` and tag it."""
+def register_model(model_uri: str, name: str, tags: dict[str, Any],
+                   description: str | None = None) -> Any:
+    """Register ``model_uri`` as a new version of ``name``, tag and describe it."""
     version = mlflow.register_model(model_uri, name)
     client = MlflowClient()
+    if description:
+        client.update_model_version(name, version.version, description=description)
     for key, value in tags.items():
         client.set_model_version_tag(name, version.version, key, str(value))
     return version
@@ -146,8 +220,9 @@ def log_classifier(weights: Path, example_images, name: str = "model") -> Any:
     (class_name, class_index, probabilities) out; parameter ``tta``.
 
     ``example_images`` are uint8 NHWC; the logged example is two of them as PNGs (a
-    batch-1 example would freeze the batch size). The package travels with the model
-    (code_paths), so serving needs no install.
+    batch-1 example would freeze the batch size). The model is logged from code
+    (``serving_model.py``), not as a pickled object, and the package travels with it
+    (code_paths), so serving needs no install. Returns mlflow's ModelInfo.
     """
     import base64
     from importlib import metadata
@@ -181,7 +256,7 @@ def log_classifier(weights: Path, example_images, name: str = "model") -> Any:
             return package
 
     return mlflow.pyfunc.log_model(
-        name=name, python_model=serving.CifarClassifier(),
+        name=name, python_model=str(Path(serving.__file__).with_name("serving_model.py")),
         artifacts={serving.WEIGHTS_ARTIFACT: str(weights)},
         code_paths=[str(Path(serving.__file__).parent)],
         signature=signature, input_example=example,

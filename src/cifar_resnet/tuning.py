@@ -27,7 +27,7 @@ import optuna
 import torch
 from optuna.trial import TrialState
 
-from . import data, engine, pipeline, tracking
+from . import data, engine, tracking, training
 from .config import SEARCH_TYPES, ConfigError, TrainSettings, TuneSettings, train_settings
 from .stages import UserError
 
@@ -286,14 +286,9 @@ def without_test_set(splits: data.CifarSplits) -> data.CifarSplits:
 
 def fit_trial(settings: TrainSettings, splits: data.CifarSplits, device: torch.device,
               logger) -> engine.TrainState:
-    # Seeded before the network is built: every trial starts from the same weights,
-    # so trials differ by their hyperparameters only.
-    engine.seed_everything(settings.seed)
-    net = pipeline.build_network(settings.model)
-    batches = pipeline.train_batches(settings, splits, device)
-    parts = pipeline.build_parts(settings, net, splits,
-                                 pipeline.steps_per_epoch(batches), device)
-    return pipeline.run_fit(settings, splits, parts, batches, device, logger=logger)
+    # The one training path: seeded before the network is built, so every trial starts
+    # from the same weights and trials differ by their hyperparameters only.
+    return training.train(settings, splits, device, logger=logger)[1]
 
 
 class Objective:

@@ -70,14 +70,19 @@ def resolve_recipe(cfg, compose: Callable[[str], object]):
     return compose(recipe_for(device)), AUTO_RECIPE
 
 
+def task_overrides() -> list[str]:
+    """This ``@hydra.main`` app's command-line overrides, as given."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return list(HydraConfig.get().overrides.task)
+
+
 def hydra_recomposer(config_name: str) -> Callable[[str], object]:
     """For ``resolve_recipe`` inside a ``@hydra.main`` app: this run's command-line
     overrides, with its recipe replaced."""
     from hydra import compose
-    from hydra.core.hydra_config import HydraConfig
 
-    overrides = [o for o in HydraConfig.get().overrides.task
-                 if not o.lstrip("+~").startswith("recipe=")]
+    overrides = [o for o in task_overrides() if not o.lstrip("+~").startswith("recipe=")]
     return lambda recipe: compose(config_name=config_name,
                                   overrides=[*overrides, f"recipe={recipe}"])
 

@@ -12,10 +12,10 @@ import torch
 from omegaconf import DictConfig
 
 from .. import registry, tuning
+from ..experiment import train_and_register
 from ..config import FinetuneSettings, section_settings, to_container, train_settings
 from ..data import CIFAR10_CLASSES
 from . import CONF_DIR, UserError, hydra_recomposer, launch, report_user_errors, resolve_recipe
-from .train import train_and_register
 
 
 @hydra.main(config_path=CONF_DIR, config_name="finetune", version_base="1.3")

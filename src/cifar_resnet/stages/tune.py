@@ -25,7 +25,7 @@ def main(cfg: DictConfig) -> None:
     settings = section_settings(TuneSettings, "tune", tune_section)
     base = train_settings(config)  # the trials' common config, checked once
     space = tuning.parse_space(settings.space, config)
-    base, device = pipeline.prepare_machine(base, pipeline.build_network(base.model))
+    base, device = pipeline.prepare_machine(base)
     if requested_recipe:
         print(f"recipe {requested_recipe} -> {base.recipe} (device {device})", flush=True)
     print(f"device {device}: {hardware.describe(device)}; precision {config['train']['precision']}"

@@ -26,6 +26,8 @@ import pytest
 import requests
 import torch
 from mlflow.exceptions import MlflowException
+from mlflow.models import Model
+from mlflow.pyfunc import scoring_server
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
@@ -366,27 +368,71 @@ def test_oversized_images_are_refused_from_the_header_before_decoding(width, hei
     assert time.perf_counter() - started < 1.0
 
 
+def file_forms(files: list[bytes]) -> dict:
+    """Every in-process form of a column of files that docs/serving.md lists."""
+    texts = [b64(f) for f in files]
+    return {
+        "DataFrame of base64": pd.DataFrame({"image": texts}),
+        "DataFrame of bytes": pd.DataFrame({"image": files}),
+        "DataFrame of data: URLs": pd.DataFrame({"image": [f"data:image/bmp;base64,{t}"
+                                                           for t in texts]}),
+        "DataFrame of wrapped base64": pd.DataFrame({"image": [base64.encodebytes(f).decode()
+                                                               for f in files]}),
+        "Series of bytes": pd.Series(files),
+        "dict of a list of bytes": {"image": files},
+        "dict of a tuple of bytes": {"image": tuple(files)},
+        "dict of an object array of bytes": {"image": np.array(files, dtype=object)},
+        "dict of a str array": {"image": np.array(texts)},  # {"inputs": {"image": [...]}}
+        "list of bytes": files,
+        "tuple of bytes": tuple(files),
+        "list of bytearrays": [bytearray(f) for f in files],
+        "list of memoryviews": [memoryview(f) for f in files],
+        "object array of bytes": np.array(files, dtype=object),
+        "str array": np.array(texts),  # {"inputs": ["...", ...]}
+        "list of str": texts,
+    }
+
+
+def pixel_forms(images: np.ndarray) -> dict:
+    """The same pixels in every dtype and memory layout the pyfunc accepts."""
+    wide = np.zeros((len(images), 32, 64, 3), np.uint8)
+    wide[:, :, ::2] = images
+    read_only = images.copy()
+    read_only.flags.writeable = False
+    return {
+        "uint8 C order": images,
+        "uint8 Fortran order": np.asfortranarray(images),
+        "uint8 strided view": wide[:, :, ::2],
+        "uint8 reversed view": images[:, ::-1].copy()[:, ::-1],
+        "uint8 read-only": read_only,
+        "int64 (JSON)": images.astype(np.int64),
+        "big-endian int32": images.astype(">i4"),
+        "uint16": images.astype(np.uint16),
+        "nested lists": images.tolist(),
+        "list of (32, 32, 3) arrays": list(images),
+    }
+
+
 def test_every_input_form_gives_the_same_pixels():
     images = sample_images(3)
-    files = [encode(image) for image in images]
+    pngs = [encode(image) for image in images]
+    bmps = [encode(image, "BMP") for image in images] + [bmp_ending_in_zero()]
+    expected_bmps = np.concatenate([images, decode_image(bmps[-1], 10_000)[None]])
     limits = Limits()
-    forms = [
-        frame(files),
-        pd.DataFrame({"image": files}),  # raw bytes, from Python
-        pd.DataFrame({"image": [f"data:image/png;base64,{b64(f)}" for f in files]}),
-        pd.DataFrame({"image": [base64.encodebytes(f).decode() for f in files]}),  # wrapped lines
-        {"image": np.array([b64(f) for f in files])},  # {"inputs": {"image": [...]}}
-        np.array([b64(f) for f in files]),  # {"inputs": ["...", ...]}
-        images,
-        images.astype(np.int64),  # what JSON "inputs" arrive as
-    ]
-    for form in forms:
-        assert np.array_equal(to_images(form, limits), images)
+    for name, form in file_forms(pngs).items():
+        assert np.array_equal(to_images(form, limits), images), name
+    for name, form in file_forms(bmps).items():  # a file ending in a zero byte keeps it
+        assert np.array_equal(to_images(form, limits), expected_bmps), name
+    for name, form in pixel_forms(images).items():
+        pixels = to_images(form, limits)
+        assert np.array_equal(pixels, images), name
+        assert pixels.dtype == np.uint8 and pixels.flags.c_contiguous and pixels.flags.writeable
 
 
 @pytest.mark.parametrize("model_input, fragments", [
     (pd.DataFrame({"imgae": ["x"]}), ["expected a column 'image'", "got columns ['imgae']"]),
     (pd.DataFrame({"images": ["x"]}), ["expected a column 'image'"]),
+    (pd.DataFrame([["x", "y"]], columns=["image", "image"]), ["'image' appears 2 times"]),
     ({"picture": ["x"]}, ["expected a key 'image'"]),
     (pd.DataFrame({"image": ["!!not base64!!"]}), ["image 0", "not valid base64"]),
     (pd.DataFrame({"image": [b64(encode(sample_images(1)[0])), None]}),
@@ -394,11 +440,26 @@ def test_every_input_form_gives_the_same_pixels():
     (pd.DataFrame({"image": [12345]}), ["image 0: expected a base64-encoded image file, got int"]),
     (pd.DataFrame({"image": [""]}), ["image 0", "is empty"]),
     (pd.DataFrame({"image": []}), ["no images"]),
+    ([], ["no images"]),
+    ([b64(encode(sample_images(1)[0])), 7], ["image 1: expected a base64-encoded image file"]),
+    # numpy pads S items with zeros and strips trailing zeros: a BMP would lose its end.
+    (np.array([bmp_ending_in_zero()]), ["numpy bytes array", "|S", "trailing zero bytes"]),
+    ({"image": np.array([bmp_ending_in_zero()])}, ["'image' is a numpy bytes array"]),
+    ({"image": np.array([["a"], ["b"]])}, ["'image' must be a 1-D array", "(2, 1)"]),
+    ({"image": 12}, ["'image' must be a list of image files; got int"]),
+    (b"a bare file", ["expected a DataFrame with a column 'image'", "got bytes"]),
+    ("a bare string", ["got str"]),
+    (None, ["got NoneType"]),
+    ([[[1, 2, 3]], [[1, 2]]], ["numpy cannot make an array of", "inhomogeneous"]),
     (sample_images(2).astype(np.float32), ["expected uint8 pixels", "float32"]),
     (sample_images(2).astype(bool), ["expected uint8 pixels", "bool"]),
+    (sample_images(2).astype(np.complex64), ["expected uint8 pixels", "complex64"]),
+    (sample_images(2).astype(object), ["expected uint8 pixels", "object"]),
+    (sample_images(2).astype("datetime64[s]"), ["expected uint8 pixels", "datetime64"]),
     (sample_images(2).transpose(0, 3, 1, 2), ["shape (N, 32, 32, 3)", "(2, 3, 32, 32)"]),
     (sample_images(2)[0], ["shape (N, 32, 32, 3)", "(32, 32, 3)"]),
     (sample_images(2).astype(np.int64) * 2, ["0..255"]),
+    (sample_images(2).astype(np.int16) - 1, ["0..255", "-1.."]),
 ])
 def test_bad_tables_and_arrays_say_what_is_wrong(model_input, fragments):
     assert_rejected(lambda: to_images(model_input, Limits()), *fragments)
@@ -582,6 +643,17 @@ def test_records_jpeg_large_rgba_and_pixel_arrays_are_served(server, registry):
 
 
 @pytest.mark.slow
+def test_a_16bit_png_and_a_bmp_ending_in_zero_are_served(server, registry):
+    grey16 = encode(np.full((32, 32), 32768, np.uint16))
+    bmp = bmp_ending_in_zero()
+    served = predictions(invoke(server, split_body([grey16, bmp])))
+    assert_same_answer(served, registry.pyfunc.predict([grey16, bmp]))
+    # The 16-bit 50% grey is answered as the 8-bit grey 128 it is, not as white.
+    grey8 = encode(np.full((32, 32), 128, np.uint8))
+    assert_same_answer(served.iloc[:1], predictions(invoke(server, split_body([grey8]))))
+
+
+@pytest.mark.slow
 def test_tta_parameter_over_http(server, registry):
     files = [encode(image) for image in sample_images(4)]
     flipped = predictions(invoke(server, split_body(files, tta="flip")))
@@ -684,3 +756,59 @@ def test_a_version_number_serves_too(registry, tmp_path):
                            registry.pyfunc.predict(frame(files)))
     finally:
         stop_server(process)
+
+
+# --------------------------------------------------------------------------- the logged model, in-process
+
+
+def http_answer(pyfunc, body, content_type: str = "application/json") -> pd.DataFrame:
+    """The scoring server's answer to a request body, without a server: the same parsing
+    and predict call that `mlflow models serve` makes for /invocations."""
+    data = body if isinstance(body, str) else json.dumps(body)
+    response = scoring_server.invocations(data, content_type, pyfunc, None)
+    assert response.status == 200, response.response[-2000:]
+    return pd.DataFrame(json.loads(response.response)["predictions"])
+
+
+def http_error(pyfunc, body) -> str:
+    """The message of the 400 the scoring server answers to ``body``."""
+    with pytest.raises(MlflowException) as caught:
+        scoring_server.invocations(json.dumps(body), "application/json", pyfunc, None)
+    assert caught.value.get_http_status_code() == 400
+    return caught.value.message
+
+
+def test_every_in_process_form_answers_what_http_does(registry):
+    images = sample_images(3)
+    files = [encode(image, "BMP") for image in images] + [bmp_ending_in_zero()]
+    texts = [b64(f) for f in files]
+    served = http_answer(registry.pyfunc, split_body(files))
+    for body in ({"dataframe_records": [{"image": t} for t in texts]},
+                 {"inputs": {"image": texts}}, {"inputs": texts},
+                 {"instances": [{"image": t} for t in texts]}):
+        assert_same_answer(http_answer(registry.pyfunc, body), served)
+    assert_same_answer(http_answer(registry.pyfunc, "image\n" + "\n".join(texts), "text/csv"),
+                       served)
+    for name, form in file_forms(files).items():
+        try:
+            assert_same_answer(registry.pyfunc.predict(form), served)
+        except AssertionError as error:
+            raise AssertionError(f"{name}: {error}") from None
+
+    served = http_answer(registry.pyfunc, {"inputs": images.tolist()})
+    for name, form in pixel_forms(images).items():
+        try:
+            assert_same_answer(registry.pyfunc.predict(form), served)
+        except AssertionError as error:
+            raise AssertionError(f"{name}: {error}") from None
+
+
+@pytest.mark.parametrize("model_input, fragment", [
+    (np.array([bmp_ending_in_zero()]), "trailing zero bytes"),
+    ({"image": np.array([bmp_ending_in_zero()])}, "trailing zero bytes"),
+    (sample_images(2)[:, ::-1].astype(np.float64), "float64"),
+    ([[[1, 2, 3]], [[1, 2]]], "inhomogeneous"),
+    (b"one file", "got bytes"),
+])
+def test_the_loaded_model_refuses_bad_forms_with_a_400(registry, model_input, fragment):
+    assert_rejected(lambda: registry.pyfunc.predict(model_input), fragment)

@@ -4,12 +4,15 @@ It imports neither the engine, Optuna nor Hydra: a logged model carries this
 package (``code_paths``) and a small weights file, and needs only torch, numpy,
 Pillow and OpenCV at load.
 
-Input, one of:
+Input, one of (docs/serving.md lists each form and what it becomes):
 
 - a DataFrame (``dataframe_split`` / ``dataframe_records`` over HTTP) with a column
-  ``image`` of encoded image files (PNG, JPEG, BMP, WebP; any size; grayscale, RGB or
-  RGBA): base64 text over HTTP, raw ``bytes`` too from Python;
-- raw pixels: an integer array (N, 32, 32, 3) with values 0..255 (``inputs`` over HTTP).
+  ``image`` of encoded image files (PNG, JPEG, BMP, WebP; any size; any mode these
+  decode to that has a fixed range, see ``rgb_pixels``): base64 text over HTTP, raw
+  ``bytes`` too from Python; likewise a Series, a dict ``{"image": [...]}``, a list of
+  files or a 1-D str/object array of them;
+- raw pixels: an integer array (N, 32, 32, 3) with values 0..255 (``inputs`` over HTTP),
+  of any memory layout.
 
 Output: a DataFrame, one row per image: ``class_name``, ``class_index`` and the 10
 ``probabilities``. The parameter ``tta`` ("none" or "flip") averages the probabilities
@@ -247,11 +250,16 @@ def _file_bytes(cell, index: int, limits: Limits) -> bytes:
 def _encoded_size(cell) -> int:
     if isinstance(cell, str):
         return len(cell) // 4 * 3
-    return len(cell) if isinstance(cell, (bytes, bytearray, memoryview)) else 0
+    if isinstance(cell, memoryview):
+        return cell.nbytes  # len() counts items, which need not be bytes
+    return len(cell) if isinstance(cell, (bytes, bytearray)) else 0
 
 
-def decode_files(cells, limits: Limits) -> np.ndarray:
-    """A column of encoded files -> (N, 32, 32, 3) uint8."""
+def decode_files(cells: list, limits: Limits) -> np.ndarray:
+    """A column of encoded files (each cell base64 ``str`` or raw ``bytes``/``bytearray``/
+    ``memoryview``) -> (N, 32, 32, 3) uint8, N = len(cells). Raises a 400-style
+    MlflowException naming the first bad cell ("image <i>: ..."), or the count or size
+    over ``limits``."""
     _check_count(len(cells), limits)
     total = sum(_encoded_size(cell) for cell in cells)
     if total > limits.max_request_bytes:
@@ -266,24 +274,36 @@ def decode_files(cells, limits: Limits) -> np.ndarray:
     return images
 
 
+_PIXELS_SHAPE = f"(N, {IMAGE_SIZE}, {IMAGE_SIZE}, 3)"
+
+
 def pixel_array(array: np.ndarray, limits: Limits) -> np.ndarray:
-    """Raw pixels (N, 32, 32, 3) as sent -> uint8. JSON has no uint8, so any integer
-    dtype passes when every value is in 0..255."""
-    expected = f"(N, {IMAGE_SIZE}, {IMAGE_SIZE}, 3)"
+    """Raw pixels (N, 32, 32, 3) as sent -> a new C-contiguous, writable uint8 array.
+
+    Any integer dtype (any byte order) passes when every value is in 0..255, since JSON
+    has no uint8; any memory layout (Fortran order, strided or reversed slices) passes,
+    as a copy. Refused with a 400-style MlflowException: another shape, bool, float,
+    complex, object or other dtypes, values outside 0..255, and N over ``limits``.
+    The byte limit counts N x 3072, the uint8 size, whatever dtype the pixels came in,
+    so that int64 pixels from JSON and uint8 ones from Python meet the same limit.
+    """
     if array.ndim != 4 or array.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE, 3):
-        raise bad_input(f"expected image arrays of shape {expected} (uint8 RGB) or a column "
+        raise bad_input(f"expected image arrays of shape {_PIXELS_SHAPE} (uint8 RGB) or a column "
                         f"{IMAGE_COLUMN!r} of encoded images; got an array of shape {array.shape}")
     _check_count(len(array), limits)
-    if array.nbytes > limits.max_request_bytes:
-        raise bad_input(f"the request carries {array.nbytes:,} bytes of pixels, over the limit "
+    size = len(array) * IMAGE_SIZE * IMAGE_SIZE * 3
+    if size > limits.max_request_bytes:
+        raise bad_input(f"the request carries {size:,} bytes of pixels, over the limit "
                         f"of {limits.max_request_bytes:,} ({ENV_PREFIX}MAX_REQUEST_BYTES)")
-    if array.dtype == np.uint8:
-        return array
     if array.dtype.kind not in "iu":
         raise bad_input(f"expected uint8 pixels (integers 0..255); got dtype {array.dtype}")
-    if array.min() < 0 or array.max() > 255:
-        raise bad_input(f"pixel values must be in 0..255; got {array.min()}..{array.max()}")
-    return array.astype(np.uint8)
+    if array.dtype != np.uint8:
+        low, high = array.min(), array.max()
+        if low < 0 or high > 255:
+            raise bad_input(f"pixel values must be in 0..255; got {low}..{high}")
+    # A copy: torch.from_numpy refuses negative strides and warns on read-only arrays,
+    # and the caller's array must not be touched. 3 KB an image.
+    return np.array(array, dtype=np.uint8, order="C")
 
 
 def _check_count(count: int, limits: Limits) -> None:
@@ -294,22 +314,75 @@ def _check_count(count: int, limits: Limits) -> None:
                         f"{limits.max_images:,} ({ENV_PREFIX}MAX_IMAGES); split it")
 
 
+_FILE_TYPES = (str, bytes, bytearray, memoryview)
+_FORMS = (f"a DataFrame with a column {IMAGE_COLUMN!r} of image files, a dict "
+          f"{{{IMAGE_COLUMN!r}: [files]}}, a list of files, or integer pixels {_PIXELS_SHAPE}")
+
+
+def _file_cells(values, where: str) -> list:
+    """The cells of a column of files given as a list, Series or 1-D array."""
+    if isinstance(values, _FILE_TYPES):
+        return [values]  # one file
+    if isinstance(values, (list, tuple)):
+        return list(values)
+    if isinstance(values, pd.Series):
+        return values.tolist()
+    if isinstance(values, np.ndarray):
+        if values.dtype.kind == "S":
+            # numpy pads bytes items with NULs and strips every trailing NUL on reading,
+            # so a file that ends in 0 (a BMP's row padding) comes back truncated.
+            raise bad_input(f"{where} is a numpy bytes array (dtype {values.dtype}), which "
+                            "drops each file's trailing zero bytes; pass a list or an "
+                            "object array of bytes")
+        if values.ndim <= 1 and values.dtype.kind in "UO":
+            return np.atleast_1d(values).tolist()
+        raise bad_input(f"{where} must be a 1-D array of image files (str or object "
+                        f"dtype); got an array of dtype {values.dtype} and shape {values.shape}")
+    raise bad_input(f"{where} must be a list of image files; got {type(values).__name__}")
+
+
 def to_images(model_input, limits: Limits) -> np.ndarray:
-    """Whatever predict was given -> (N, 32, 32, 3) uint8, or a 400 saying what is wrong."""
+    """Whatever predict was given -> (N, 32, 32, 3) uint8, C-contiguous.
+
+    Files (base64 ``str`` or raw ``bytes``), decoded by ``decode_files``: a DataFrame's
+    column ``image``, a Series, a dict's key ``image`` (list, tuple, Series, 1-D str or
+    object array, or one file), a list or tuple of files, a 1-D str or object array.
+    Pixels, checked by ``pixel_array``: an integer ndarray (N, 32, 32, 3), or nested
+    lists / a list of (32, 32, 3) arrays that numpy stacks into one.
+    Anything else, and numpy bytes (``S``) arrays, which have lost trailing zero bytes,
+    raise a 400-style MlflowException (INVALID_PARAMETER_VALUE) saying what was wrong.
+    """
     if isinstance(model_input, pd.DataFrame):
-        if IMAGE_COLUMN not in model_input.columns:
+        columns = [str(c) for c in model_input.columns]
+        if IMAGE_COLUMN not in columns:
             raise bad_input(f"expected a column {IMAGE_COLUMN!r} of base64-encoded image files; "
-                            f"got columns {[str(c) for c in model_input.columns]}")
+                            f"got columns {columns}")
+        if columns.count(IMAGE_COLUMN) > 1:  # df[name] would be a DataFrame, not a column
+            raise bad_input(f"the column {IMAGE_COLUMN!r} appears {columns.count(IMAGE_COLUMN)} "
+                            "times; send it once")
         return decode_files(model_input[IMAGE_COLUMN].tolist(), limits)
+    if isinstance(model_input, pd.Series):
+        return decode_files(model_input.tolist(), limits)
     if isinstance(model_input, dict):  # {"inputs": {"image": [...]}} over HTTP
         if IMAGE_COLUMN not in model_input:
             raise bad_input(f"expected a key {IMAGE_COLUMN!r} of base64-encoded image files; "
                             f"got keys {[str(k) for k in model_input]}")
-        return decode_files(list(np.atleast_1d(model_input[IMAGE_COLUMN])), limits)
-    array = np.asarray(model_input)
-    if array.ndim == 1 and array.dtype.kind in "USO":  # {"inputs": ["<base64>", ...]}
-        return decode_files(array.tolist(), limits)
-    return pixel_array(array, limits)
+        return decode_files(_file_cells(model_input[IMAGE_COLUMN], f"{IMAGE_COLUMN!r}"), limits)
+    if isinstance(model_input, (list, tuple)):
+        _check_count(len(model_input), limits)  # files or images: one item each
+        # np.asarray would turn a list of bytes into an S array, losing trailing zeros.
+        if any(isinstance(cell, _FILE_TYPES) for cell in model_input):
+            return decode_files(list(model_input), limits)
+        try:
+            model_input = np.asarray(model_input)
+        except (ValueError, TypeError) as error:  # ragged nesting, unconvertible items
+            raise bad_input(f"expected {_FORMS}; got a list numpy cannot make an array of "
+                            f"({error})") from None
+    if not isinstance(model_input, np.ndarray):
+        raise bad_input(f"expected {_FORMS}; got {type(model_input).__name__}")
+    if model_input.ndim <= 1 and model_input.dtype.kind in "USO":  # {"inputs": ["<b64>", ...]}
+        return decode_files(_file_cells(model_input, "the input"), limits)
+    return pixel_array(model_input, limits)
 
 
 # --------------------------------------------------------------------------- the pyfunc

@@ -32,6 +32,7 @@ import io
 import os
 import reprlib
 import struct
+import warnings
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -388,8 +389,36 @@ def to_images(model_input, limits: Limits) -> np.ndarray:
 # --------------------------------------------------------------------------- the pyfunc
 
 
-class CifarClassifier(mlflow.pyfunc.PythonModel):
-    """Encoded image files or uint8 pixels in; class name, index and probabilities out."""
+_TYPE_HINT_WARNING = "Add type hints to the `predict` method"
+
+
+class _PythonModelWithoutHintWarning(mlflow.pyfunc.PythonModel):
+    """A PythonModel whose subclasses are created without MLflow's warning
+    "Add type hints to the `predict` method", which otherwise prints at every import.
+
+    Why not a type hint: predict takes a DataFrame, a dict, a list or an ndarray, and
+    MLflow 3.17.2 has no hint for that. ``Any`` or a Union of those draws two other
+    warnings ("Type hints must be wrapped in list[...]" at class creation, "Failed to
+    infer signature from type hint" at logging) and changes nothing else: tried, the
+    logged model kept no input schema and took both DataFrames and arrays as before.
+    ``pd.DataFrame`` or ``np.ndarray``, the only hints MLflow takes silently, would
+    misstate the input. Why not a warnings filter: MLflow's check runs under its own
+    ``simplefilter("once")``, which outranks any filter set around it; so the warnings
+    of class creation are recorded, and every one but this is issued again.
+    """
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        with warnings.catch_warnings(record=True) as caught:
+            super().__init_subclass__(**kwargs)
+        for warning in caught:
+            if _TYPE_HINT_WARNING not in str(warning.message):
+                warnings.warn_explicit(warning.message, warning.category, warning.filename,
+                                       warning.lineno)
+
+
+class CifarClassifier(_PythonModelWithoutHintWarning):
+    """Encoded image files or uint8 pixels in; class name, index and probabilities out.
+    Logged as a model from code (``serving_model.py``), not pickled."""
 
     def load_context(self, context) -> None:
         self.limits = Limits.from_env()
@@ -398,6 +427,10 @@ class CifarClassifier(mlflow.pyfunc.PythonModel):
         self.model.to(self.device)
 
     def predict(self, context, model_input, params=None) -> pd.DataFrame:
+        """Any input form ``to_images`` takes -> a DataFrame of N rows: ``class_name``
+        (str), ``class_index`` (int64) and ``probabilities`` (list of 10 floats, the
+        softmax in class order). ``params["tta"]``: "none" (default) or "flip".
+        Raises a 400-style MlflowException (INVALID_PARAMETER_VALUE) for bad input."""
         tta = (params or {}).get("tta") or "none"
         if tta not in TTA_MODES:
             raise bad_input(f"unknown tta {tta!r}; choose one of {', '.join(TTA_MODES)}")

@@ -841,3 +841,18 @@ def test_importing_serving_prints_no_type_hint_warning_but_keeps_the_others():
     assert "Add type hints to the `predict` method" not in result.stderr
     # Only that warning is dropped: MLflow's verdict on an `Any` hint still shows.
     assert "Type hint used in the model's predict function is not supported" in result.stderr
+
+
+def test_a_400_ends_with_our_reason_and_a_table_echoes_little(registry):
+    texts = [b64(encode(noise(64, 64, seed=i))) for i in range(20)] + ["!!"]  # ~330 KB
+    reason = "image 20: not valid base64"
+    table = http_error(registry.pyfunc, _split(texts))
+    # MLflow puts "Failed to predict data '<str(input)>'. \nError: " before our message;
+    # pandas shortens a DataFrame's str to a screenful, whatever the request's size.
+    assert table.startswith("Failed to predict data '") and len(table) < 5000
+    assert table.split("\nError: ", 1)[1].startswith(reason)
+    # A list under "inputs" reaches predict as a numpy array, whose str holds every
+    # string: MLflow (3.17.2) echoes such a request whole, and offers the model no way to
+    # shorten it (docs/serving.md says so). Should this fail, MLflow has changed that.
+    listed = http_error(registry.pyfunc, {"inputs": texts})
+    assert len(listed) > sum(map(len, texts)) and reason in listed

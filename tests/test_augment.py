@@ -2,10 +2,8 @@ import albumentations as A
 import cv2
 import numpy as np
 import pytest
-import torch
 
 from cifar_resnet import augment
-from cifar_resnet.gpu_augment import translate
 
 
 @pytest.fixture(scope="module")
@@ -92,44 +90,3 @@ def test_five_crop_resize_picks_a_corner_or_the_centre(images):
         assert len(matches) == 1
         seen.add(matches[0])
     assert seen == {0, 1, 2, 3, 4}
-
-
-# --------------------------------------------------------------------------- TTA views
-
-
-@pytest.mark.parametrize("name, count", [("identity", 1), ("flip", 2), ("flip_shift", 6),
-                                         ("seed", 5)])
-@pytest.mark.parametrize("dtype", [torch.uint8, torch.float32])
-def test_tta_view_sets(name, count, dtype):
-    batch = torch.randint(0, 256, (4, 3, 32, 32)).to(dtype)
-    views = augment.tta_views(name)
-    assert len(views) == count == len(augment.TTA_VIEWS[name])
-    for view in views:
-        out = view(batch)
-        assert out.shape == batch.shape and out.dtype == dtype
-    assert torch.equal(views[0](batch), batch)
-    if count > 1:
-        assert torch.equal(views[1 if name != "flip_shift" else 3](batch),
-                           torch.flip(batch, dims=[3]))
-
-
-def test_tta_views_do_what_they_say():
-    batch = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
-    views = dict(zip(augment.TTA_VIEWS["flip_shift"], augment.tta_views("flip_shift")))
-    # shift_dr moves the content one pixel down and right.
-    assert torch.equal(views["shift_dr"](batch)[:, :, 1:, 1:], batch[:, :, :-1, :-1])
-    assert torch.equal(views["shift_ul"](batch)[:, :, :-1, :-1], batch[:, :, 1:, 1:])
-    assert torch.equal(views["hflip_shift_dr"](batch),
-                       translate(batch.flip(3), torch.tensor([[-1, -1]])))
-    identity, hflip, blur, brighter, contrast = augment.tta_views("seed")
-    flat = torch.full((1, 3, 8, 8), 100, dtype=torch.uint8)
-    assert torch.equal(blur(flat), flat)  # a blur keeps a flat image
-    assert brighter(flat).unique().tolist() == [110]
-    assert brighter(torch.full((1, 3, 4, 4), 250, dtype=torch.uint8)).unique().tolist() == [255]
-    two_tone = torch.tensor([0.4, 0.6]).repeat(1, 3, 2, 1)
-    np.testing.assert_allclose(contrast(two_tone).unique().tolist(), [0.39, 0.61], atol=1e-6)
-
-
-def test_unknown_tta_set():
-    with pytest.raises(ValueError, match="flip_shift"):
-        augment.tta_views("ten_crop")

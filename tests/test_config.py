@@ -92,6 +92,7 @@ def test_overrides_reach_the_typed_settings():
     ("train.epochs=-3", "train.epochs must be a positive integer"),
     ("data.loader=gpu", "data.loader"),
     ("+optim.learning_rate=1", "unknown key"),
+    ("train.tta=flipp", "train.tta must be a view set .*flip_shift.*got 'flipp'"),
 ])
 def test_bad_values_are_config_errors(override, message):
     with pytest.raises(ConfigError, match=message):

@@ -37,12 +37,6 @@ def test_random_translate_matches_pad_and_crop(batch, device):
         np.testing.assert_array_equal(result.permute(1, 2, 0).numpy(), expected)
 
 
-def test_reflect_index_is_reflect_101():
-    positions = torch.arange(-4, 12)
-    expected = np.pad(np.arange(8), 4, mode="reflect")
-    assert ga.reflect_index(positions, 8).tolist() == expected.tolist()
-
-
 def test_albumentations_crop_is_a_translation_of_the_same_family(batch):
     """The per-sample `standard` crop (reflect_101 pad + random crop) lands on one
     of the (2*pad+1)^2 translations that the batched path draws from."""

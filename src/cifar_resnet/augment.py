@@ -1,5 +1,5 @@
-"""Per-sample training augmentations (Albumentations 2.0.8), chosen by name, and
-the test-time view sets (re-exported from ``gpu_augment``).
+"""Per-sample training augmentations (Albumentations 2.0.8), chosen by name.
+(The test-time view sets are in ``tta``.)
 
 Every pipeline maps one uint8 HWC RGB image to another of the same shape.
 Pipelines are built with ``strict=True``: Albumentations 2.x otherwise only
@@ -18,11 +18,10 @@ import numpy as np
 from albumentations.core.transforms_interface import BaseTransformInitSchema
 
 from .data import CIFAR10_MEAN_PIXEL
-from .gpu_augment import TTA_VIEWS, tta_views
 
 __all__ = [
-    "AUGMENTATIONS", "TTA_VIEWS", "AlbumentationsTransform", "FiveCropResize",
-    "build_train_transform", "strict_compose", "tta_views",
+    "AUGMENTATIONS", "AlbumentationsTransform", "FiveCropResize",
+    "build_train_transform", "strict_compose",
 ]
 
 AUGMENTATIONS: tuple[str, ...] = ("none", "standard", "seed")

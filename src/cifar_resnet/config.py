@@ -14,6 +14,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from .hardware import DEVICES, PRECISIONS
+from .tta import TTA_VIEWS
 
 
 class ConfigError(ValueError):
@@ -159,6 +160,9 @@ def validate(s: TrainSettings) -> None:
         raise ConfigError(f"augment={s.augment.name} has no batched version; "
                           "use data.loader=albumentations")
     _check_machine("train", s.train.device, s.train.precision)
+    if s.train.tta not in TTA_VIEWS:  # else a long run would fail at its very end
+        raise ConfigError(f"train.tta must be a view set ({', '.join(TTA_VIEWS)}), "
+                          f"got {s.train.tta!r}")
     if s.train.threads < 0:
         raise ConfigError(f"train.threads must be >= 0 (0 = every usable core), "
                           f"got {s.train.threads}")

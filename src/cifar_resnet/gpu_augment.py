@@ -11,36 +11,25 @@ The semantics match the Albumentations ``standard`` pipeline:
   mean pixel.
 
 Every op is a handful of tensor ops over the whole batch, no per-image Python.
-Test-time augmentation views (``tta_views``) live here too, since they are
-batched tensor ops as well; ``augment`` re-exports them.
+Test-time views live in ``tta``, which serving imports too; the reflect-101
+indexing is shared from there.
 """
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from .data import CIFAR10_MEAN_PIXEL
+from .tta import reflect_index
 
 FLIP_MODES = ("none", "random", "alternating")
 
 
 # --------------------------------------------------------------------------- translate
-
-
-def reflect_index(positions: Tensor, size: int) -> Tensor:
-    """Map positions outside [0, size) back inside by reflect-101
-    (cv2.BORDER_REFLECT_101, np.pad "reflect"): -1 -> 1, size -> size - 2."""
-    if size == 1:
-        return torch.zeros_like(positions)
-    period = 2 * (size - 1)
-    wrapped = positions.remainder(period)
-    return torch.where(wrapped >= size, period - wrapped, wrapped)
 
 
 def translate(images: Tensor, shifts: Tensor) -> Tensor:
@@ -201,83 +190,3 @@ class BatchAugment:
         if self.cutout:
             images, _, _ = cutout(images, self.cutout, generator, self.cutout_fill, self.cutout_p)
         return images
-
-
-# --------------------------------------------------------------------------- test-time views
-
-TTA_VIEWS: dict[str, tuple[str, ...]] = {
-    "none": ("identity",),  # alias of "identity", the config default
-    "identity": ("identity",),
-    "flip": ("identity", "hflip"),
-    # {as is, flipped} x {unshifted, content moved 1 px down-right, 1 px up-left}
-    "flip_shift": ("identity", "shift_dr", "shift_ul", "hflip", "hflip_shift_dr", "hflip_shift_ul"),
-    "seed": ("identity", "hflip", "blur", "brighter", "more_contrast"),
-}
-
-
-def _identity(x: Tensor) -> Tensor:
-    return x
-
-
-def _hflip(x: Tensor) -> Tensor:
-    return x.flip(3)
-
-
-def _shift(x: Tensor, dy: int, dx: int) -> Tensor:
-    return translate(x, torch.tensor([[dy, dx]]))
-
-
-def _as_pixels(x: Tensor, compute: Callable[[Tensor], Tensor]) -> Tensor:
-    """Run ``compute`` in float; integer images come back rounded, clipped and in
-    their dtype, float images unclipped (their range is the caller's)."""
-    if x.is_floating_point():
-        return compute(x)
-    return compute(x.float()).round().clamp(0, 255).to(x.dtype)
-
-
-def _gaussian_kernel3(sigma: float) -> Tensor:
-    taps = torch.exp(-torch.tensor([-1.0, 0.0, 1.0]) ** 2 / (2 * sigma**2))
-    taps = taps / taps.sum()
-    return taps[:, None] * taps[None, :]
-
-
-def _blur(x: Tensor, sigma: float = 0.8) -> Tensor:
-    def compute(v: Tensor) -> Tensor:
-        channels = v.shape[1]
-        kernel = _gaussian_kernel3(sigma).to(v).expand(channels, 1, 3, 3)
-        return F.conv2d(F.pad(v, (1, 1, 1, 1), mode="reflect"), kernel, groups=channels)
-
-    return _as_pixels(x, compute)
-
-
-def _brighter(x: Tensor, factor: float = 1.1) -> Tensor:
-    return _as_pixels(x, lambda v: v * factor)
-
-
-def _more_contrast(x: Tensor, factor: float = 1.1) -> Tensor:
-    def compute(v: Tensor) -> Tensor:
-        mean = v.mean(dim=(1, 2, 3), keepdim=True)
-        return mean + factor * (v - mean)
-
-    return _as_pixels(x, compute)
-
-
-_VIEW_FUNCTIONS: dict[str, Callable[[Tensor], Tensor]] = {
-    "identity": _identity,
-    "hflip": _hflip,
-    "shift_dr": functools.partial(_shift, dy=-1, dx=-1),
-    "shift_ul": functools.partial(_shift, dy=1, dx=1),
-    "hflip_shift_dr": lambda x: _shift(_hflip(x), -1, -1),
-    "hflip_shift_ul": lambda x: _shift(_hflip(x), 1, 1),
-    "blur": _blur,  # 3x3 Gaussian, sigma 0.8, reflect-101 borders
-    "brighter": _brighter,  # x * 1.1
-    "more_contrast": _more_contrast,  # per-image mean + 1.1 * (x - mean)
-}
-
-
-def tta_views(name: str) -> list[Callable[[Tensor], Tensor]]:
-    """The test-time views of a set: functions from an NCHW batch (uint8 or float
-    intensities, not normalised) to a batch of the same shape and dtype."""
-    if name not in TTA_VIEWS:
-        raise ValueError(f"unknown TTA view set {name!r}; choose from {', '.join(TTA_VIEWS)}")
-    return [_VIEW_FUNCTIONS[view] for view in TTA_VIEWS[name]]

@@ -185,10 +185,10 @@ def test_chosen_checkpoint(settings: TrainSettings, splits: data.CifarSplits,
                                                   amp_dtype=amp)
     summary = {"test_acc": test_acc, "test_loss": test_loss}
     if t.tta != "none":
-        from .gpu_augment import tta_views
+        from .tta import metric_name, tta_views
 
         # The view set is part of the name: flip and flip_shift are different measurements.
-        _, summary[f"test_acc_tta_{t.tta}"], _ = engine.evaluate(
+        _, summary[metric_name(t.tta)], _ = engine.evaluate(
             model, splits.test_images, splits.test_labels, device,
             batch_size=t.eval_batch_size, amp_dtype=amp, views=tta_views(t.tta))
     return summary, logits

@@ -15,8 +15,8 @@ from omegaconf import DictConfig
 from .. import engine, hardware, pipeline, plots, registry, tracking
 from ..config import (ConfigError, DataSettings, EvalSettings, section_settings,
                       to_container)
-from ..gpu_augment import TTA_VIEWS, tta_views
 from ..serving import load_classifier
+from ..tta import TTA_VIEWS, tta_views
 from . import CONF_DIR, launch, report_user_errors
 
 

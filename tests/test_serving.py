@@ -31,9 +31,10 @@ from mlflow.pyfunc import scoring_server
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from cifar_resnet import serving, tracking
+from cifar_resnet import engine, serving, tracking
 from cifar_resnet.models import ImageClassifier, build_model
 from cifar_resnet.serving import Limits, decode_image, to_images
+from cifar_resnet.tta import TTA_VIEWS, tta_views
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -514,7 +515,24 @@ def test_tta_flip_averages_the_image_and_its_mirror(classifier, torch_model):
     np.testing.assert_allclose(np.array(flipped["probabilities"].tolist()), expected,
                                rtol=1e-5, atol=1e-6)
     assert_rejected(lambda: classifier.predict(None, images, params={"tta": "rotate"}),
-                    "unknown tta 'rotate'", "none, flip")
+                    "unknown tta 'rotate'", "none, identity, flip, flip_shift, seed")
+
+
+@pytest.mark.parametrize("name", list(TTA_VIEWS))
+def test_every_view_set_answers_what_eval_tta_averaged(classifier, torch_model, name):
+    """Serving's tta=<set> and eval_tta's test_acc_tta_<set> average the same softmax:
+    engine.predict_logits is what eval_tta and training's end-of-run figure call."""
+    images = sample_images(300)  # over one forward pass's worth for every set
+    served = np.array(classifier.predict(None, images, params={"tta": name})
+                      ["probabilities"].tolist())
+    evaluated = engine.predict_logits(torch_model, images, torch.device("cpu"), batch_size=128,
+                                      views=tta_views(name)).exp().numpy()
+    np.testing.assert_allclose(served, evaluated, rtol=1e-4, atol=1e-6)
+    plain = torch_probabilities(torch_model, images)
+    if len(TTA_VIEWS[name]) > 1:  # the views really are applied, not the plain image
+        assert np.abs(served - plain).max() > 1e-3
+    else:
+        np.testing.assert_allclose(served, plain, rtol=1e-4, atol=1e-6)
 
 
 # --------------------------------------------------------------------------- served
@@ -801,6 +819,22 @@ def test_every_in_process_form_answers_what_http_does(registry):
             assert_same_answer(registry.pyfunc.predict(form), served)
         except AssertionError as error:
             raise AssertionError(f"{name}: {error}") from None
+
+
+def test_the_logged_model_names_its_view_sets_and_takes_each_over_http(registry):
+    assert registry.pyfunc.metadata.metadata["tta"] == list(TTA_VIEWS)
+    [spec] = registry.pyfunc.metadata.get_params_schema().params
+    assert (spec.name, spec.default) == ("tta", "none")
+    files = [encode(image) for image in sample_images(3)]
+    plain = http_answer(registry.pyfunc, split_body(files))
+    for name in TTA_VIEWS:  # through MLflow's parameter checks, as the server does it
+        answer = http_answer(registry.pyfunc, split_body(files, tta=name))
+        assert_same_answer(answer, registry.pyfunc.predict(frame(files), params={"tta": name}))
+        if len(TTA_VIEWS[name]) > 1:
+            assert not np.allclose(np.array(answer["probabilities"].tolist()),
+                                   np.array(plain["probabilities"].tolist()))
+    assert "unknown tta 'flipshift'" in http_error(registry.pyfunc,
+                                                   split_body(files, tta="flipshift"))
 
 
 @pytest.mark.parametrize("model_input, fragment", [

@@ -114,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("url", help="the server, e.g. http://127.0.0.1:5000")
     parser.add_argument("paths", nargs="+", metavar="FILE_OR_FOLDER")
     parser.add_argument("--batch-size", type=int, default=32, help="files per request")
-    parser.add_argument("--tta", default="none", help="test-time augmentation: none or flip")
+    parser.add_argument("--tta", default="none", help="test-time augmentation: none or a view set "
+                        "(identity, flip, flip_shift, seed); the server checks the name")
     parser.add_argument("--timeout", type=float, default=120, help="seconds per request")
     args = parser.parse_args(argv)
     try:

@@ -15,8 +15,10 @@ Input, one of (docs/serving.md lists each form and what it becomes):
   of any memory layout.
 
 Output: a DataFrame, one row per image: ``class_name``, ``class_index`` and the 10
-``probabilities``. The parameter ``tta`` ("none" or "flip") averages the probabilities
-over test-time views, as ``engine.evaluate`` does.
+``probabilities``. The parameter ``tta`` ("none" or a view set of ``tta.TTA_VIEWS``:
+identity, flip, flip_shift, seed) averages the softmax over that set's views as
+``engine.predict_logits`` does, so ``tta=flip_shift`` answers the probabilities that
+eval_tta's ``test_acc_tta_flip_shift`` was measured on.
 
 Bad input raises MlflowException(INVALID_PARAMETER_VALUE), which the scoring server
 answers with HTTP 400 and the message; any other exception would become a generic
@@ -45,14 +47,16 @@ from mlflow.exceptions import MlflowException
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .models import ImageClassifier, build_model
+from .tta import TTA_VIEWS, tta_views
 
 WEIGHTS_ARTIFACT = "weights"
 IMAGE_COLUMN = "image"
 IMAGE_SIZE = 32
 IMAGE_FORMATS = ("PNG", "JPEG", "BMP", "WEBP")
-TTA_MODES = ("none", "flip")
+TTA_MODES = tuple(TTA_VIEWS)  # "none" and every view set, by the names eval_tta logs
 ENV_PREFIX = "CIFAR_RESNET_"
-# Images per forward pass: bounds activation memory whatever the request size.
+# Images per forward pass, views included: bounds activation memory whatever the
+# request size and view set.
 _CHUNK = 128
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -429,8 +433,9 @@ class CifarClassifier(_PythonModelWithoutHintWarning):
     def predict(self, context, model_input, params=None) -> pd.DataFrame:
         """Any input form ``to_images`` takes -> a DataFrame of N rows: ``class_name``
         (str), ``class_index`` (int64) and ``probabilities`` (list of 10 floats, the
-        softmax in class order). ``params["tta"]``: "none" (default) or "flip".
-        Raises a 400-style MlflowException (INVALID_PARAMETER_VALUE) for bad input."""
+        softmax in class order). ``params["tta"]``: "none" (default) or a view set name
+        (``TTA_MODES``). Raises a 400-style MlflowException (INVALID_PARAMETER_VALUE)
+        for bad input, an unknown ``tta`` included."""
         tta = (params or {}).get("tta") or "none"
         if tta not in TTA_MODES:
             raise bad_input(f"unknown tta {tta!r}; choose one of {', '.join(TTA_MODES)}")
@@ -445,12 +450,17 @@ class CifarClassifier(_PythonModelWithoutHintWarning):
 
     @torch.inference_mode()
     def probabilities(self, images: np.ndarray, tta: str = "none") -> np.ndarray:
-        """(N, 32, 32, 3) uint8 -> (N, classes) float32; "flip" averages the softmax of
-        each image and its mirror image, as training's test_acc_tta does."""
+        """(N, 32, 32, 3) uint8 -> (N, classes) float32: the softmax averaged over the
+        views of the set ``tta`` ("none": the plain softmax), computed as
+        ``engine.predict_logits(..., views=tta_views(tta))`` computes it, in float32.
+        Raises ValueError for an unknown ``tta``."""
+        views = tta_views(tta)
+        step = max(1, _CHUNK // len(views))
         out = []
-        for start in range(0, len(images), _CHUNK):
-            x = torch.from_numpy(images[start:start + _CHUNK]).permute(0, 3, 1, 2).to(self.device)
-            views = [x] if tta == "none" else [x, x.flip(3)]
-            probs = self.model(torch.cat(views)).float().softmax(1)
+        for start in range(0, len(images), step):
+            x = torch.from_numpy(images[start:start + step]).permute(0, 3, 1, 2).to(self.device)
+            # As engine.predict_logits: all views in one forward pass, softmax averaged
+            # over them (not the logits), so eval_tta measured exactly this answer.
+            probs = self.model(torch.cat([view(x) for view in views])).float().softmax(1)
             out.append(probs.view(len(views), len(x), -1).mean(0).cpu())
         return torch.cat(out).numpy()

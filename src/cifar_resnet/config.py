@@ -8,6 +8,9 @@ dataclasses or plain values. Unknown keys are an error, so a misspelt override
 from __future__ import annotations
 
 import dataclasses
+import functools
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -88,6 +91,7 @@ class LoopSettings:
     eval_batch_size: int = 1024
     device: str = "auto"
     threads: int = 0  # torch's CPU threads; 0 = every core this process may use
+    deterministic: bool = False  # PyTorch's deterministic algorithms (slower on CUDA)
     checkpoint_dir: str = "checkpoints"
     progress: bool = True
     tta: str = "none"
@@ -129,13 +133,126 @@ def _build(cls, section: str, values: Any):
     if unknown:
         raise ConfigError(f"unknown key(s) {', '.join(f'{section}.{k}' for k in unknown)}; "
                           f"known: {', '.join(sorted(known))}")
+    hints = _field_types(cls)
+    typed = {name: _typed(_key(section, name), value, hints[name])
+             for name, value in values.items()}
     try:
-        return cls(**values)
+        return cls(**typed)
     except TypeError as err:  # a required key is missing
         raise ConfigError(f"config section {section!r}: {err}") from None
 
 
+@functools.cache
+def _field_types(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _key(section: str, name: str) -> str:
+    return name if section == "top level" else f"{section}.{name}"
+
+
+_INVALID = object()
+
+
+def _typed(key: str, value: Any, annotation: Any) -> Any:
+    """``value`` as the field's annotation wants it (an int for a float field becomes a
+    float, a list for a tuple field a tuple), or a ConfigError naming the key, the value
+    and what is allowed."""
+    converted = _convert(value, annotation)
+    if converted is _INVALID:
+        hint = ""
+        if _without_none(annotation) is str and isinstance(value, (bool, float)):
+            # Hydra reads an unquoted 1.10 or true as a number or a bool, not as text.
+            hint = f"; quote it to keep it text: {key}='...'"
+        raise ConfigError(f"{key} must be {_describe(annotation)}, got {_show(value)}{hint}")
+    return converted
+
+
+def _convert(value: Any, annotation: Any) -> Any:
+    if annotation is Any:
+        return value
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if value is None:
+            return None if type(None) in args else _INVALID
+        for option in args:
+            if option is not type(None) and (done := _convert(value, option)) is not _INVALID:
+                return done
+        return _INVALID
+    if dataclasses.is_dataclass(annotation):
+        return value if isinstance(value, annotation) else _INVALID
+    if annotation is bool:  # never 0/1 or "yes": Hydra has already typed true and false
+        return value if isinstance(value, bool) else _INVALID
+    if annotation is int:
+        return value if isinstance(value, int) and not isinstance(value, bool) else _INVALID
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+            return _INVALID  # value != value: nan passes every range check
+        return float(value)
+    if annotation is str:
+        # Hydra reads promote.version=3 or study_name=2024 as ints; as names they are text,
+        # and str() of an int loses nothing (Hydra never reads 007 as an int).
+        if isinstance(value, int) and not isinstance(value, bool):
+            return str(value)
+        return value if isinstance(value, str) else _INVALID
+    if origin is dict or annotation is dict:
+        if not isinstance(value, dict):
+            return _INVALID
+        inner = args[1] if args else Any
+        items = {k: _convert(v, inner) for k, v in value.items()}
+        return _INVALID if _INVALID in items.values() else items
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            return _INVALID
+        items = tuple(_convert(v, a) for v, a in zip(value, args))
+        return _INVALID if _INVALID in items else items
+    raise TypeError(f"config.py has no check for fields annotated {annotation!r}")
+
+
+def _without_none(annotation: Any) -> Any:
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType) and len(args) == 1:
+        return args[0]
+    return annotation
+
+
+def _describe(annotation: Any) -> str:
+    """What a field annotated ``annotation`` accepts, in words."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        options = [_describe(a) for a in typing.get_args(annotation) if a is not type(None)]
+        if type(None) in typing.get_args(annotation):
+            options.append("null")
+        return " or ".join(options)
+    if typing.get_origin(annotation) is tuple:
+        kinds = sorted({_describe(a) for a in typing.get_args(annotation)})
+        return f"a list of {len(typing.get_args(annotation))}, each {' or '.join(kinds)}"
+    if dataclasses.is_dataclass(annotation):
+        return f"a {annotation.__name__} mapping"
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) is dict and len(args) == 2 and \
+            typing.get_origin(args[1]) is dict:
+        return "a mapping of mappings"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "text",
+            dict: "a mapping"}.get(typing.get_origin(annotation) or annotation,
+                                   repr(annotation))
+
+
+def _show(value: Any) -> str:
+    """A value as it would be written in an override."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    return repr(value) if isinstance(value, str) else str(value)
+
+
 def train_settings(cfg: DictConfig | dict) -> TrainSettings:
+    """The train config (a composed DictConfig or its plain dict) as TrainSettings.
+
+    Raises ConfigError, before anything is read or logged, for an unknown key, a value
+    of the wrong type (``train.epochs=1.5``) or out of range (``train.epochs=0``): the
+    message names the key, the value and what is allowed.
+    """
     values = to_container(cfg) if isinstance(cfg, DictConfig) else dict(cfg)
     sections = {"model": ModelSettings, "data": DataSettings, "augment": AugmentSettings,
                 "optim": OptimSettings, "schedule": ScheduleSettings, "train": LoopSettings,
@@ -147,7 +264,9 @@ def train_settings(cfg: DictConfig | dict) -> TrainSettings:
 
 
 def validate(s: TrainSettings) -> None:
-    """Checks that need no data: they run before anything is read or logged."""
+    """Checks that need no data: they run before anything is read or logged.
+
+    Raises ConfigError naming the first key out of range."""
     if s.train.epochs < 1:
         raise ConfigError(f"train.epochs must be a positive integer, got {s.train.epochs}")
     if s.train.batch_size < 1:
@@ -171,6 +290,34 @@ def validate(s: TrainSettings) -> None:
     if s.optim.lr <= 0 or s.optim.norm_lr_scale <= 0:
         raise ConfigError(f"optim.lr and optim.norm_lr_scale must be positive, "
                           f"got {s.optim.lr} and {s.optim.norm_lr_scale}")
+    # Ranges that torch or the loop would otherwise refuse only after the data is read.
+    _require(s.model.max_params >= 1, "model.max_params", s.model.max_params, ">= 1")
+    _require(s.data.num_workers >= 0, "data.num_workers", s.data.num_workers, ">= 0")
+    _require(s.train.eval_batch_size >= 1, "train.eval_batch_size", s.train.eval_batch_size,
+             ">= 1")
+    _require(s.train.patience >= 0, "train.patience", s.train.patience, ">= 0 (0 = off)")
+    _require(s.train.grad_clip >= 0, "train.grad_clip", s.train.grad_clip, ">= 0 (0 = off)")
+    _require(0 <= s.train.ema_decay < 1, "train.ema_decay", s.train.ema_decay,
+             "in [0, 1) (0 = off)")
+    o = s.optim
+    _require(0 <= o.momentum <= 1, "optim.momentum", o.momentum, "in [0, 1]")
+    _require(all(0 <= b < 1 for b in o.betas), "optim.betas", list(o.betas), "in [0, 1) each")
+    _require(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, ">= 0")
+    _require(o.lookahead_k >= 0, "optim.lookahead_k", o.lookahead_k, ">= 0 (0 = off)")
+    _require(0 < o.lookahead_alpha <= 1, "optim.lookahead_alpha", o.lookahead_alpha, "in (0, 1]")
+    _require(o.muon_lr > 0, "optim.muon_lr", o.muon_lr, "> 0")
+    _require(0 <= o.muon_momentum < 1, "optim.muon_momentum", o.muon_momentum, "in [0, 1)")
+    c = s.schedule
+    _require(0 <= c.pct_start <= 1, "schedule.pct_start", c.pct_start, "in [0, 1]")
+    _require(c.anneal_strategy in ("cos", "linear"), "schedule.anneal_strategy",
+             c.anneal_strategy, "'cos' or 'linear'")
+    _require(c.div_factor > 0, "schedule.div_factor", c.div_factor, "> 0")
+    _require(c.final_div_factor > 0, "schedule.final_div_factor", c.final_div_factor, "> 0")
+
+
+def _require(ok: bool, key: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key} must be {allowed}, got {_show(value)}")
 
 
 def _check_machine(section: str, device: str, precision: str) -> None:
@@ -219,7 +366,6 @@ class TuneSettings:
     grace_period: int | None = None
 
     def __post_init__(self):
-        _as_text(self, "study_name", "storage")
         if self.n_trials < 1 or self.epochs < 1 or self.max_failed_trials < 1:
             raise ConfigError("tune.n_trials, tune.epochs and tune.max_failed_trials must be "
                               f"positive, got {self.n_trials}, {self.epochs}, "
@@ -231,6 +377,10 @@ class TuneSettings:
                               f"got {self.pruner!r}")
         if not self.study_name or not self.storage:
             raise ConfigError("tune.study_name and tune.storage must not be empty")
+        _require(self.startup_trials >= 0, "tune.startup_trials", self.startup_trials, ">= 0")
+        for name in ("heartbeat_interval", "grace_period"):
+            value = getattr(self, name)
+            _require(value is None or value >= 1, f"tune.{name}", value, ">= 1 second or null")
 
 
 @dataclass(frozen=True)
@@ -238,9 +388,6 @@ class FinetuneSettings:
     model_uri: str
     from_study: str | None = None
     storage: str = "sqlite:///optuna.db"
-
-    def __post_init__(self):
-        _as_text(self, "model_uri", "from_study", "storage")
 
 
 @dataclass(frozen=True)
@@ -251,7 +398,6 @@ class EvalSettings:
     batch_size: int = 500
 
     def __post_init__(self):
-        _as_text(self, "model_uri")
         _check_machine("eval", self.device, self.precision)
         if self.batch_size < 1:
             raise ConfigError(f"eval.batch_size must be positive, got {self.batch_size}")
@@ -262,21 +408,36 @@ class PromoteSettings:
     metric: str = "val_acc"
     version: str | None = None
     force: bool = False
+    # Ranking on a test_* metric picks the champion on the data its figure is reported on.
+    allow_test_selection: bool = False
     alias: str = "champion"
     previous_alias: str = "previous"
 
-    def __post_init__(self):
-        _as_text(self, "metric", "version", "alias", "previous_alias")
-
-
-def _as_text(settings, *names: str) -> None:
-    """Hydra reads `study_name=2024` as an int and `nan` as a float: names are text."""
-    for name in names:
-        value = getattr(settings, name)
-        if value is not None and not isinstance(value, str):
-            object.__setattr__(settings, name, str(value))
-
 
 def section_settings(cls, section: str, values: Any):
-    """One config section as ``cls``; unknown keys are an error, as in train_settings."""
+    """One config section as ``cls``; unknown keys are an error, as in train_settings.
+
+    Raises ConfigError for a key ``cls`` does not have, a missing required key, or a
+    value of the wrong type or out of range (the message names the key and the value).
+    """
     return _build(cls, section, values)
+
+
+# Each section's dataclass, by its name in the composed configs; keys without a dot are
+# TrainSettings' own (seed, experiment_name, ...).
+SECTIONS = {"model": ModelSettings, "data": DataSettings, "augment": AugmentSettings,
+            "optim": OptimSettings, "schedule": ScheduleSettings, "train": LoopSettings,
+            "registry": RegistrySettings, "tune": TuneSettings, "finetune": FinetuneSettings,
+            "eval": EvalSettings, "promote": PromoteSettings}
+
+
+def key_type(key: str) -> type:
+    """The type a config key holds, from its dataclass field, without Optional:
+    ``key_type("train.epochs") is int``, ``key_type("finetune.from_study") is str``.
+
+    Raises KeyError for a key that no section declares.
+    """
+    section, _, name = key.rpartition(".")
+    cls = SECTIONS[section] if section else TrainSettings
+    annotation = _without_none(_field_types(cls)[name])
+    return typing.get_origin(annotation) or annotation

@@ -91,11 +91,14 @@ def train_and_register(settings: TrainSettings, config: dict, *,
     try:
         with tracking.training_run(settings.experiment_name, resume_run_id,
                                    tags=extra_tags) as mlflow_run:
-            return _tracked(run, config, mlflow_run.info, resume_checkpoint, extra_tags,
-                            requested_recipe)
+            try:
+                return _tracked(run, config, mlflow_run.info, resume_checkpoint, extra_tags,
+                                requested_recipe)
+            except Terminated:
+                print("terminated: the run is marked KILLED; continue it with "
+                      f"resume={mlflow_run.info.run_id}", file=sys.stderr, flush=True)
+                raise
     except Terminated:
-        print("terminated: the run is marked KILLED; continue it with "
-              f"resume={resume_run_id or 'its run id'}", file=sys.stderr, flush=True)
         raise SystemExit(128 + signal.SIGTERM) from None
     finally:
         signal.signal(signal.SIGTERM, previous_handler)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import os
 import time
 from pathlib import Path
 from typing import Callable, Iterable
@@ -101,7 +102,7 @@ def prepare_machine(settings: TrainSettings) -> tuple[TrainSettings, torch.devic
         return measure_images_per_second(probe, min(t.batch_size, 128), device, dtype)
 
     precision = hardware.resolve_precision(t.precision, device, measure=measure)
-    configure_backend(device)
+    configure_backend(device, t.deterministic)
     return dataclasses.replace(settings, train=dataclasses.replace(t, precision=precision)), device
 
 
@@ -113,10 +114,16 @@ def machine_params(settings: TrainSettings, device: torch.device) -> dict[str, s
             "cpu_threads": torch.get_num_threads()}
 
 
-def configure_backend(device: torch.device) -> None:
+def configure_backend(device: torch.device, deterministic: bool = False) -> None:
+    """cuDNN autotuning and TF32 on CUDA; with ``deterministic``, PyTorch's deterministic
+    algorithms instead (an op without one raises), cuDNN autotuning off and the cuBLAS
+    workspace that deterministic matmuls need."""
+    torch.use_deterministic_algorithms(deterministic)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     # Fixed input shapes: let cuDNN pick the fastest kernels once.
     if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
+        torch.backends.cudnn.benchmark = not deterministic
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
 

@@ -18,7 +18,8 @@ from stage_utils import REPO, make_experiment, run_module, stage_env, tiny_overr
 EPOCH_METRICS = ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_seconds",
                  "images_per_second")
 ARTIFACTS = ("config/resolved.yaml", "plots/learning_curves.png", "plots/confusion_matrix.png",
-             "plots/misclassified.png", "per_class_accuracy.csv", "checkpoints/best.pt")
+             "plots/misclassified.png", "per_class_accuracy.csv", "checkpoints/best.pt",
+             "environment/requirements.txt")
 
 
 def predicted_classes(prediction) -> np.ndarray:
@@ -56,12 +57,22 @@ def test_mlflow_run_train_tracks_and_registers(tiny_cifar, tmp_path):
     for key in ("best_val_acc", "test_acc", "test_loss"):
         assert key in run.data.metrics
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    for folder in ("config", "plots", "checkpoints"):
+    for folder in ("config", "plots", "checkpoints", "environment"):
         artifacts |= {a.path for a in client.list_artifacts(run.info.run_id, folder)}
     assert set(ARTIFACTS) <= artifacts
 
+    # Lineage in MLflow's own terms: the data set as an input, named by its files' MD5s.
+    [dataset_input] = run.inputs.dataset_inputs
+    assert dataset_input.dataset.name == "cifar10" and len(dataset_input.dataset.digest) == 8
+    assert {t.key: t.value for t in dataset_input.tags}["train_images"] == "150"
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    requirements = mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/environment/requirements.txt")
+    assert "\ntorch==" in requirements and "\nmlflow==3.17.2" in requirements
+
     [version] = client.search_model_versions("name='tiny-cifar'")
     assert str(version.version) == "1" and version.run_id == run.info.run_id
+    assert "recipe=fast model=resnet_small" in version.description
+    assert run.info.run_id in version.description
     assert float(version.tags["test_acc"]) == pytest.approx(run.data.metrics["test_acc"], abs=1e-4)
     assert float(version.tags["val_acc"]) == pytest.approx(run.data.metrics["best_val_acc"], abs=1e-4)
 

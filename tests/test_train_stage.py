@@ -31,6 +31,7 @@ def predicted_classes(prediction) -> np.ndarray:
 @pytest.mark.slow
 def test_mlflow_run_train_tracks_and_registers(tiny_cifar, tmp_path):
     env = stage_env(tmp_path)
+    env["MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"] = "1"  # a tiny run lasts seconds
     make_experiment(tmp_path, "e2e")
     overrides = " ".join(tiny_overrides(tiny_cifar, tmp_path))
     result = subprocess.run(
@@ -56,6 +57,7 @@ def test_mlflow_run_train_tracks_and_registers(tiny_cifar, tmp_path):
         assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [1, 2], key
     for key in ("best_val_acc", "test_acc", "test_loss"):
         assert key in run.data.metrics
+    assert any(key.startswith("system/cpu") for key in run.data.metrics)  # MLflow's own
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     for folder in ("config", "plots", "checkpoints", "environment"):
         artifacts |= {a.path for a in client.list_artifacts(run.info.run_id, folder)}

@@ -72,6 +72,9 @@ def train_and_register(settings: TrainSettings, config: dict, *,
     ``requested_recipe`` is "auto" when the stage chose ``settings.recipe`` itself.
     Returns the summary metrics. Raises ConfigError/DataError before any run exists.
     """
+    if settings.settings_from_run:  # looked up before any data is read
+        extra_tags = {**(extra_tags or {}),
+                      **tracking.settings_source_tags(str(settings.settings_from_run))}
     requested_precision = settings.train.precision
     settings, device = pipeline.prepare_machine(settings)
     if resume_checkpoint is not None:
@@ -90,7 +93,7 @@ def train_and_register(settings: TrainSettings, config: dict, *,
     previous_handler = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         with tracking.training_run(settings.experiment_name, resume_run_id,
-                                   tags=extra_tags) as mlflow_run:
+                                   tags=extra_tags, system_metrics=True) as mlflow_run:
             try:
                 return _tracked(run, config, mlflow_run.info, resume_checkpoint, extra_tags,
                                 requested_recipe)

@@ -20,7 +20,7 @@ import yaml
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
-from .config import flatten
+from .config import ConfigError, flatten
 
 # MLflow caps a param value at 6000 characters.
 _MAX_PARAM_CHARS = 6000
@@ -28,24 +28,33 @@ _MAX_PARAM_CHARS = 6000
 
 @contextlib.contextmanager
 def training_run(experiment_name: str, resume_run_id: str | None = None,
-                 run_name: str | None = None, tags: dict | None = None) -> Iterator[mlflow.ActiveRun]:
+                 run_name: str | None = None, tags: dict | None = None,
+                 system_metrics: bool = False) -> Iterator[mlflow.ActiveRun]:
     """Start (or re-open, for resume) the run of one training.
 
     Under ``mlflow run`` the launcher has already created a run (MLFLOW_RUN_ID);
     a fresh training logs into it. A resumed training re-opens its own run and
     leaves a pointer on the launcher's run, so the UI shows where it went.
+    ``system_metrics``: MLflow samples CPU, memory (and GPU) use into the run
+    (``system/...`` metrics), for runs that train; MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING
+    =false turns it off.
     """
+    if system_metrics and os.environ.get("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "").lower() \
+            in ("false", "0"):
+        system_metrics = False
     launcher_run = os.environ.get("MLFLOW_RUN_ID")
     if resume_run_id:
         if launcher_run and launcher_run != resume_run_id:
             MlflowClient().set_tag(launcher_run, "cifar_resnet.resumed_run", resume_run_id)
             os.environ.pop("MLFLOW_RUN_ID")
-        with _killed_on_interrupt(mlflow.start_run(run_id=resume_run_id)) as run:
+        with _killed_on_interrupt(mlflow.start_run(run_id=resume_run_id,
+                                                   log_system_metrics=system_metrics)) as run:
             yield run
         return
     if not launcher_run:
         mlflow.set_experiment(experiment_name)
-    with _killed_on_interrupt(mlflow.start_run(run_name=run_name, tags=tags)) as run:
+    with _killed_on_interrupt(mlflow.start_run(run_name=run_name, tags=tags,
+                                               log_system_metrics=system_metrics)) as run:
         yield run
 
 
@@ -78,6 +87,30 @@ def run_status(run_id: str) -> str | None:
 
 def tracking_uri() -> str:
     return mlflow.get_tracking_uri()
+
+
+def settings_source_tags(run_id: str) -> dict[str, str]:
+    """The tags a final fit (no validation split) carries for the run that chose its
+    settings on the validation split: ``settings_from_run`` (its id) and ``val_acc``
+    (its ``best_val_acc``, 4 decimals), so promote can rank the fit by val_acc while the
+    tag says whose val_acc it is.
+
+    Raises ConfigError (one line) for a run this tracking store does not hold, or one
+    without a finite ``best_val_acc`` (a run that never validated)."""
+    import math
+
+    from mlflow.exceptions import MlflowException
+
+    try:
+        run = MlflowClient().get_run(run_id)
+    except MlflowException:
+        raise ConfigError(f"settings_from_run={run_id}: no such MLflow run in "
+                          f"{tracking_uri()}") from None
+    value = run.data.metrics.get("best_val_acc")
+    if value is None or not math.isfinite(value):
+        raise ConfigError(f"settings_from_run={run_id}: that run has no best_val_acc; name "
+                          "the run that chose these settings on the validation split")
+    return {"settings_from_run": run_id, "val_acc": f"{value:.4f}"}
 
 
 @contextlib.contextmanager

@@ -16,6 +16,13 @@ from ..config import TuneSettings, section_settings, to_container, train_setting
 from . import CONF_DIR, hydra_recomposer, launch, report_user_errors, resolve_recipe
 
 
+# MLproject parameter -> the config key (or group) it sets; `overrides` is the rest.
+PARAMETERS = {"n_trials": "tune.n_trials",
+              "epochs": "tune.epochs",
+              "study_name": "tune.study_name",
+              "storage": "tune.storage"}
+
+
 @hydra.main(config_path=CONF_DIR, config_name="tune", version_base="1.3")
 @report_user_errors
 def main(cfg: DictConfig) -> None:
@@ -37,7 +44,7 @@ def main(cfg: DictConfig) -> None:
 
     storage = tuning.describe_storage(settings.storage)  # no password in logs, params or YAML
     with tracking.training_run(base.experiment_name, run_name=f"tune {settings.study_name}",
-                               tags=tuning.study_tags(settings)) as run:
+                               tags=tuning.study_tags(settings), system_metrics=True) as run:
         print(f"MLflow run {run.info.run_id} (experiment {run.info.experiment_id}); "
               f"study {settings.study_name!r} in {storage}", flush=True)
         tracking.log_config({**config, "tune": {**tune_section, "storage": storage}},
@@ -59,5 +66,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    launch(main, aliases={"n_trials": "tune.n_trials", "epochs": "tune.epochs",
-                          "study_name": "tune.study_name", "storage": "tune.storage"})
+    launch(main, PARAMETERS)

@@ -73,17 +73,22 @@ def test_eval_tta_with_identity_views_equals_plain_evaluation(store):
     [run_id] = run_ids(store) - before
     run = store.client.get_run(run_id)
     metrics = run.data.metrics
-    assert metrics["test_acc_tta"] == metrics["test_acc"]  # exactly: one view is no TTA
-    assert metrics["test_loss_tta"] == pytest.approx(metrics["test_loss"], rel=1e-5)
-    assert text_artifact(store.client, run_id, "per_class_accuracy_tta.csv") == \
+    # Every TTA name carries its view set; none is the bare test_acc_tta any more.
+    assert {k for k in metrics if "tta" in k} == {
+        "test_acc_tta_identity", "test_loss_tta_identity", "eval_seconds_tta_identity"}
+    assert metrics["test_acc_tta_identity"] == metrics["test_acc"]  # exactly: one view is no TTA
+    assert metrics["test_loss_tta_identity"] == pytest.approx(metrics["test_loss"], rel=1e-5)
+    assert text_artifact(store.client, run_id, "per_class_accuracy_tta_identity.csv") == \
         text_artifact(store.client, run_id, "per_class_accuracy.csv")
     plots = {a.path for a in store.client.list_artifacts(run_id, "plots")}
-    assert plots == {"plots/confusion_matrix.png", "plots/confusion_matrix_tta.png"}
+    assert plots == {"plots/confusion_matrix.png", "plots/confusion_matrix_tta_identity.png"}
     # Linked both ways, and the result is on the version for promote and report.
     assert (run.data.tags["model_name"], run.data.tags["model_version"]) == (MODEL, "1")
     version = store.client.get_model_version(MODEL, "1")
-    assert version.tags["eval_tta_run_id"] == run_id and version.tags["tta_views"] == "identity"
-    assert float(version.tags["test_acc_tta"]) == pytest.approx(metrics["test_acc_tta"], abs=1e-4)
+    assert version.tags["eval_tta_run_id_identity"] == run_id
+    assert "test_acc_tta" not in version.tags and "tta_views" not in version.tags
+    assert float(version.tags["test_acc_tta_identity"]) == pytest.approx(
+        metrics["test_acc_tta_identity"], abs=1e-4)
 
 
 @pytest.mark.slow
@@ -151,7 +156,7 @@ def test_finetune_from_a_version_and_a_study_records_lineage(store):
 
 @pytest.mark.slow
 def test_report_prints_and_logs_the_results_table(store):
-    store.client.set_model_version_tag(MODEL, "2", "test_acc_tta", "0.1234")
+    store.client.set_model_version_tag(MODEL, "2", "test_acc_tta_flip_shift", "0.1234")
     before = run_ids(store)
     result = mlflow_run("report", store.tmp, store.env, {"model_name": MODEL},
                         ["experiment_name=tests"])
@@ -160,7 +165,7 @@ def test_report_prints_and_logs_the_results_table(store):
     assert table in result.stdout
     header, _, *rows = table.strip().splitlines()
     for cell in ("model", "parameters", "epochs", "train acc", "val acc", "test acc",
-                 "test acc (TTA)", "run id"):
+                 "test acc (TTA flip_shift)", "run id"):
         assert f" {cell} |" in header
     versions = store.client.search_model_versions(f"name = '{MODEL}'")
     assert len(rows) == len(versions) >= 2
@@ -179,6 +184,10 @@ def test_report_prints_and_logs_the_results_table(store):
     ("finetune", [f"finetune.model_uri=models:/{MODEL}/1", "finetune.from_study=nope",
                   "finetune.storage=sqlite:///{tmp}/optuna.db"], "no study 'nope'"),
     ("promote", ["promote.metric=f1"], "no version of 'tiny-cifar' has 'f1'"),
+    ("promote", ["promote.metric=test_acc"], "promote.metric=test_acc is measured on the test "
+                                             "set: choosing the champion on it is choosing on "
+                                             "the data we report on"),
+    ("promote", ["promote.metric=test_acc_tta_identity"], "rank by val_acc"),
 ])
 def test_bad_input_is_one_clear_line_and_changes_nothing(store, stage, extra, message):
     if any(e.startswith("finetune.from_study") for e in extra):  # a storage, without that study

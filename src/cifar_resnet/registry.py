@@ -163,6 +163,14 @@ def tag_version(ref: ModelRef, tags: dict[str, Any]) -> None:
 # --------------------------------------------------------------------------- metrics
 
 
+# A TTA accuracy's name carries its view set, as tta.metric_name builds it (not imported:
+# that is torch, and promote and report need none).
+TTA_PREFIX = "test_acc_tta_"
+# The name before it did: runs and versions written then hold a bare test_acc_tta, with
+# the set beside it (eval_tta's tta_views tag, train's train.tta param).
+_LEGACY_TTA = "test_acc_tta"
+
+
 def run_metrics(run_id: str) -> dict[str, float]:
     """The run's latest value of each metric (the last epoch's, for per-epoch ones)."""
     try:
@@ -173,16 +181,62 @@ def run_metrics(run_id: str) -> dict[str, float]:
 
 def version_metric(version: Any, metric: str, metrics: dict[str, float] | None = None
                    ) -> float | None:
-    """A version's ``metric``: its tag (what train and eval_tta write), else its
-    source run's metric of that name."""
-    value = version.tags.get(metric)
-    if value is None:
-        value = (run_metrics(version.run_id) if metrics is None else metrics).get(metric)
+    """A version's ``metric`` as a finite float, or None where it has none: its tag
+    (what train and eval_tta write), else its source run's metric of that name
+    (``metrics``, when the caller has them). ``test_acc_tta_<views>`` is also found in
+    a result written before the name carried its view set (see ``tta_accuracies``)."""
+    value = _finite(version.tags.get(metric))
+    if value is not None:
+        return value
+    if metrics is None:
+        metrics = run_metrics(version.run_id)
+    value = _finite(metrics.get(metric))
+    if value is None and metric.startswith(TTA_PREFIX):
+        value = tta_accuracies(version, metrics).get(metric[len(TTA_PREFIX):])
+    return value
+
+
+def tta_accuracies(version: Any, metrics: dict[str, float] | None = None) -> dict[str, float]:
+    """View set name -> the version's test accuracy with that set's TTA, from its tags
+    ``test_acc_tta_<views>`` (eval_tta, train) and else its run's metrics of those names
+    (``metrics``, when the caller has them).
+
+    A bare ``test_acc_tta`` from before the names carried the set counts under the set
+    it was measured with: the version's ``tta_views`` tag (eval_tta) or its run's
+    ``train.tta`` param (train); without one it is left out rather than guessed.
+    """
+    if metrics is None:
+        metrics = run_metrics(version.run_id)
+    found: dict[str, float] = {}
+    for source in (version.tags, metrics):  # a tag wins over its run's metric
+        for key, raw in source.items():
+            value = _finite(raw)
+            if key.startswith(TTA_PREFIX) and value is not None:
+                found.setdefault(key[len(TTA_PREFIX):], value)
+    legacy_tag = _finite(version.tags.get(_LEGACY_TTA))
+    if legacy_tag is not None and version.tags.get("tta_views"):
+        found.setdefault(version.tags["tta_views"], legacy_tag)
+    legacy_metric = _finite(metrics.get(_LEGACY_TTA))
+    if legacy_metric is not None:
+        views = _run_param(version.run_id, "train.tta")
+        if views and views != "none":
+            found.setdefault(views, legacy_metric)
+    return found
+
+
+def _finite(value: Any) -> float | None:
     try:
         value = float(value)
     except (TypeError, ValueError):
         return None
     return value if math.isfinite(value) else None
+
+
+def _run_param(run_id: str, key: str) -> str | None:
+    try:
+        return client().get_run(run_id).data.params.get(key)
+    except MlflowException:
+        return None
 
 
 # --------------------------------------------------------------------------- promotion
@@ -204,12 +258,33 @@ def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.4f}"
 
 
+def check_selection_metric(metric: str, allow_test_selection: bool = False) -> None:
+    """Raise RegistryError for a metric that promote must not rank versions by: any
+    ``test_*`` metric unless ``allow_test_selection``, and ``test_acc_tta``, which
+    names no view set (versions evaluated with different sets would be one metric)."""
+    if metric.startswith("test_") and not allow_test_selection:
+        raise RegistryError(
+            f"promote.metric={metric} is measured on the test set: choosing the champion on "
+            "it is choosing on the data we report on, and the reported test figure would no "
+            "longer be an honest estimate; rank by val_acc (the default), or set "
+            "promote.allow_test_selection=true to do it anyway")
+    if metric in (_LEGACY_TTA, "test_loss_tta"):
+        raise RegistryError(f"{metric} names no view set, so versions evaluated with "
+                            f"different sets would be compared as one metric; use "
+                            f"{metric}_<views> ({metric}_flip, {metric}_flip_shift, ...)")
+
+
 def promote(name: str, metric: str = "val_acc", version: str | None = None,
             force: bool = False, alias: str = "champion",
-            previous_alias: str = "previous") -> Promotion:
+            previous_alias: str = "previous", allow_test_selection: bool = False) -> Promotion:
     """Point ``alias`` at ``version`` (or the best version by ``metric``, higher is
     better); the former holder gets ``previous_alias``. A candidate worse than the
-    current holder, or one that cannot be compared, needs ``force``."""
+    current holder, or one that cannot be compared, needs ``force``.
+
+    Raises RegistryError, before anything changes, for a ``test_*`` metric unless
+    ``allow_test_selection`` (see ``check_selection_metric``), an unknown model or
+    version, no version holding ``metric``, and a refused candidate."""
+    check_selection_metric(metric, allow_test_selection)
     all_versions = {str(v.version): v for v in versions(name)}
     if not all_versions:
         raise RegistryError(f"model {name!r} has no versions; train one first")
@@ -224,7 +299,8 @@ def promote(name: str, metric: str = "val_acc", version: str | None = None,
         scored = [(value, int(number)) for number, value in values.items() if value is not None]
         if not scored:
             raise RegistryError(f"no version of {name!r} has {metric!r} as a tag or a run "
-                                "metric (eval_tta writes test_acc_tta)")
+                                "metric (train writes val_acc, eval_tta "
+                                "test_acc_tta_<views>)")
         best_value, best_number = max(scored)  # ties: the newest
         chosen = str(best_number)
         why = f"best {metric} of {len(scored)} version(s)"

@@ -126,7 +126,8 @@ def tta_views(name: str) -> list[View]:
 
 def metric_name(name: str, metric: str = "test_acc") -> str:
     """The name a metric measured with the view set ``name`` is logged and tagged under:
-    ``test_acc_tta_flip``, ``test_loss_tta_flip_shift``, ... Raises ValueError for an
-    unknown set, as ``tta_views`` does."""
+    ``test_acc_tta_flip``, ``test_loss_tta_flip_shift``, ...; ``metric=""`` gives the
+    suffix alone (``_tta_flip``). Raises ValueError for an unknown set, as ``tta_views``
+    does."""
     tta_views(name)
     return f"{metric}_tta_{name}"

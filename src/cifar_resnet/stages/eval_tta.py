@@ -16,7 +16,7 @@ from .. import engine, hardware, pipeline, plots, registry, tracking
 from ..config import (ConfigError, DataSettings, EvalSettings, section_settings,
                       to_container)
 from ..serving import load_classifier
-from ..tta import TTA_VIEWS, tta_views
+from ..tta import TTA_VIEWS, metric_name, tta_views
 from . import CONF_DIR, launch, report_user_errors
 
 
@@ -53,8 +53,11 @@ def main(cfg: DictConfig) -> None:
                                      "n_views": len(views), "device": str(device),
                                      "resolved_precision": precision,
                                      "hardware": hardware.describe(device)})
+        # The view set is part of every TTA name (test_acc_tta_flip_shift, ...), as in
+        # training: flip and flip_shift are different measurements, never one metric.
+        tta_suffix = metric_name(views_name, "")
         accuracy = {}
-        for suffix, view_set in (("", None), ("_tta", views)):
+        for suffix, view_set in (("", None), (tta_suffix, views)):
             start = time.perf_counter()
             loss, acc, logits = engine.evaluate(model, images, labels, device,
                                                 batch_size=settings.batch_size, amp_dtype=amp,
@@ -70,10 +73,11 @@ def main(cfg: DictConfig) -> None:
             tracking.log_figure(plots.confusion_figure(matrix, class_names, title),
                                 f"plots/confusion_matrix{suffix}.png")
             print(f"test_acc{suffix} {acc:.4f}", flush=True)
-        tta_acc = accuracy["_tta"]
-        registry.tag_version(ref, {"test_acc_tta": f"{tta_acc:.4f}", "tta_views": views_name,
-                                   "eval_tta_run_id": run.info.run_id})
-    print(f"tagged {ref.label}: test_acc_tta {tta_acc:.4f} (views {views_name})", flush=True)
+        tta_acc = accuracy[tta_suffix]
+        # One tag pair per view set: a version evaluated with several keeps each result.
+        registry.tag_version(ref, {f"test_acc{tta_suffix}": f"{tta_acc:.4f}",
+                                   f"eval_tta_run_id_{views_name}": run.info.run_id})
+    print(f"tagged {ref.label}: test_acc{tta_suffix} {tta_acc:.4f}", flush=True)
 
 
 if __name__ == "__main__":

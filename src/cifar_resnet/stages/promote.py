@@ -2,8 +2,10 @@
 version by a metric; the former champion keeps `previous`.
 
     python -m cifar_resnet.stages.promote                          # best val_acc
-    python -m cifar_resnet.stages.promote promote.metric=test_acc_tta
     python -m cifar_resnet.stages.promote promote.version=3 promote.force=true
+
+A test_* metric is refused unless promote.allow_test_selection=true: the champion
+would be chosen on the data its test figure is reported on.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ def main(cfg: DictConfig) -> None:
     name = section_settings(RegistrySettings, "registry", config["registry"]).model_name
     p = section_settings(PromoteSettings, "promote", config["promote"])
     result = registry.promote(name, p.metric, None if p.version is None else str(p.version),
-                              p.force, p.alias, p.previous_alias)
+                              p.force, p.alias, p.previous_alias, p.allow_test_selection)
     print(f"{name}: {result.reason}", flush=True)
     # A record of who moved the alias, and why, next to the runs that made the versions.
     with tracking.training_run(config["experiment_name"], run_name=f"promote {name}",
@@ -35,4 +37,5 @@ def main(cfg: DictConfig) -> None:
 
 if __name__ == "__main__":
     launch(main, aliases={"metric": "promote.metric", "force": "promote.force",
-                          "version": "promote.version"})
+                          "version": "promote.version",
+                          "allow_test_selection": "promote.allow_test_selection"})

@@ -93,6 +93,7 @@ def test_overrides_reach_the_typed_settings():
     ("data.loader=gpu", "data.loader"),
     ("+optim.learning_rate=1", "unknown key"),
     ("train.tta=flipp", "train.tta must be a view set .*flip_shift.*got 'flipp'"),
+    ("settings_from_run=abc123", "settings_from_run=abc123 is for a final fit .*val_size=0"),
 ])
 def test_bad_values_are_config_errors(override, message):
     with pytest.raises(ConfigError, match=message):

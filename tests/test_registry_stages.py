@@ -188,6 +188,8 @@ def test_report_prints_and_logs_the_results_table(store):
                                              "set: choosing the champion on it is choosing on "
                                              "the data we report on"),
     ("promote", ["promote.metric=test_acc_tta_identity"], "rank by val_acc"),
+    ("train", ["data.val_size=0", "settings_from_run=nosuchrun"],
+     "settings_from_run=nosuchrun: no such MLflow run"),
 ])
 def test_bad_input_is_one_clear_line_and_changes_nothing(store, stage, extra, message):
     if any(e.startswith("finetune.from_study") for e in extra):  # a storage, without that study
@@ -195,6 +197,7 @@ def test_bad_input_is_one_clear_line_and_changes_nothing(store, stage, extra, me
                             load_if_exists=True)
     extra = [e.format(tmp=store.tmp) for e in extra]
     base = {"finetune": tiny_overrides(store.tiny, store.tmp),
+            "train": [*tiny_overrides(store.tiny, store.tmp), NO_RECIPE],
             "eval_tta": eval_overrides(store)}.get(stage, NAMES)
     runs, versions = run_ids(store), len(store.client.search_model_versions(f"name='{MODEL}'"))
     aliases = dict(store.client.get_registered_model(MODEL).aliases)
@@ -206,3 +209,26 @@ def test_bad_input_is_one_clear_line_and_changes_nothing(store, stage, extra, me
     assert run_ids(store) == runs
     assert len(store.client.search_model_versions(f"name='{MODEL}'")) == versions
     assert dict(store.client.get_registered_model(MODEL).aliases) == aliases
+
+
+@pytest.mark.slow
+def test_a_final_fit_carries_the_val_acc_of_the_run_that_chose_its_settings(store):
+    """data.val_size=0 trains on every image and has no val_acc of its own; with
+    settings_from_run its run and version say whose val_acc they carry."""
+    chooser = store.v1.run_id
+    before = run_ids(store)
+    result = run_module("cifar_resnet.stages.train", [*tiny_overrides(
+        store.tiny, store.tmp, **{"train.epochs": 1, "train.batch_size": 16,
+                                  "data.loader": "tensor", "data.val_size": 0,
+                                  "settings_from_run": chooser}), NO_RECIPE], store.env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    [run_id] = run_ids(store) - before
+    run = store.client.get_run(run_id)
+    assert not [k for k in run.data.metrics if k.startswith(("val_", "best_val"))]
+    best_val_acc = store.client.get_run(chooser).data.metrics["best_val_acc"]
+    expected = {"settings_from_run": chooser, "val_acc": f"{best_val_acc:.4f}"}
+    assert {k: run.data.tags.get(k) for k in expected} == expected
+    [version] = [v for v in store.client.search_model_versions(f"name = '{MODEL}'")
+                 if v.run_id == run_id]
+    assert {k: version.tags.get(k) for k in expected} == expected
+    assert run.data.params["settings_from_run"] == chooser

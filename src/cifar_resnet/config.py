@@ -116,6 +116,7 @@ class TrainSettings:
     experiment_name: str = "cifar10-resnet"
     resume: str | None = None
     recipe: str | None = None
+    settings_from_run: str | None = None  # a final fit's val_acc comes from this run
 
 
 def to_container(cfg: DictConfig) -> dict:
@@ -271,6 +272,10 @@ def validate(s: TrainSettings) -> None:
         raise ConfigError(f"train.epochs must be a positive integer, got {s.train.epochs}")
     if s.train.batch_size < 1:
         raise ConfigError(f"train.batch_size must be positive, got {s.train.batch_size}")
+    if s.settings_from_run and s.data.val_size > 0:
+        raise ConfigError(f"settings_from_run={s.settings_from_run} is for a final fit on all "
+                          f"the training images (data.val_size=0); with data.val_size="
+                          f"{s.data.val_size} the run has a val_acc of its own")
     if s.data.val_size < 0 or s.data.train_subset < 0 or s.data.repeats < 1:
         raise ConfigError("data.val_size and data.train_subset must be >= 0 and data.repeats >= 1")
     if s.data.loader not in ("albumentations", "tensor"):

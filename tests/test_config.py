@@ -116,3 +116,112 @@ def test_flatten_names_params_by_path():
     flat = flatten(to_container(compose_train("recipe=seed")))
     assert flat["optim.lr"] == 0.1 and flat["model.name"] == "seed_resnet"
     assert "hydra" not in " ".join(flat)
+
+
+# --------------------------------------------------------------------------- types
+# Every field is checked against its dataclass annotation when the config is typed,
+# before any data is read: one line with the key, the value and what is allowed.
+
+def typed(entry: str, *overrides: str):
+    """Compose ``entry``'s config and type every section of it as its stage does."""
+    from cifar_resnet.config import (DataSettings, EvalSettings, FinetuneSettings,
+                                     PromoteSettings, RegistrySettings, TuneSettings,
+                                     section_settings)
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        config = to_container(compose(config_name=entry, overrides=list(overrides)))
+    own = {"tune": TuneSettings, "finetune": FinetuneSettings, "eval_tta": EvalSettings,
+           "promote": PromoteSettings}
+    section = {"eval_tta": "eval"}.get(entry, entry)
+    typed_section = (section_settings(own[entry], section, config.pop(section))
+                     if entry in own else None)
+    if entry in ("train", "tune", "finetune"):
+        return train_settings(config), typed_section
+    if entry == "eval_tta":
+        section_settings(DataSettings, "data", config["data"])
+    return section_settings(RegistrySettings, "registry", config["registry"]), typed_section
+
+
+@pytest.mark.parametrize("entry, override, message", [
+    ("train", "train.epochs=1.5", "train.epochs must be an integer, got 1.5"),
+    ("train", "train.epochs=ten", "train.epochs must be an integer, got 'ten'"),
+    ("train", "train.epochs=null", "train.epochs must be an integer, got null"),
+    ("train", "train.compile=1", "train.compile must be true or false, got 1"),
+    ("train", "train.progress=yes", "train.progress must be true or false, got 'yes'"),
+    ("train", "train.label_smoothing=abc", "train.label_smoothing must be a number, got 'abc'"),
+    ("train", "train.device=1.5", "train.device must be text, got 1.5; quote it"),
+    ("train", "optim.lr=nan", "optim.lr must be a number, got nan"),
+    ("train", "optim.nesterov=0", "optim.nesterov must be true or false, got 0"),
+    ("train", "+optim.betas=[0.9]", "optim.betas must be a list of 2, each a number, got [0.9]"),
+    ("train", "+optim.betas=[0.9,high]", "optim.betas must be a list of 2, each a number"),
+    ("train", "data.val_size=5e3", "data.val_size must be an integer, got 5000.0"),
+    ("train", "data.md5_file=[a,b]", "data.md5_file must be text or null, got ['a', 'b']"),
+    ("train", "model.kwargs=3", "model.kwargs must be a mapping, got 3"),
+    ("train", "model.max_params=5M", "model.max_params must be an integer, got '5M'"),
+    ("train", "augment.params=null", "augment.params must be a mapping, got null"),
+    ("train", "schedule.div_factor=true", "schedule.div_factor must be a number, got true"),
+    ("train", "registry.register=0", "registry.register must be true or false, got 0"),
+    ("train", "seed=1.5", "seed must be an integer, got 1.5"),
+    ("train", "experiment_name=[a]", "experiment_name must be text, got ['a']"),
+    ("train", "schedule.pct_start=1.5", "schedule.pct_start must be in [0, 1], got 1.5"),
+    ("train", "schedule.anneal_strategy=cosine", "schedule.anneal_strategy must be 'cos' or"),
+    ("train", "train.ema_decay=1", "train.ema_decay must be in [0, 1) (0 = off), got 1.0"),
+    ("train", "optim.weight_decay=-1e-4", "optim.weight_decay must be >= 0, got -0.0001"),
+    ("train", "optim.momentum=2", "optim.momentum must be in [0, 1], got 2.0"),
+    ("train", "data.num_workers=-1", "data.num_workers must be >= 0, got -1"),
+    ("tune", "tune.n_trials=1.5", "tune.n_trials must be an integer, got 1.5"),
+    ("tune", "tune.timeout=soon", "tune.timeout must be a number or null, got 'soon'"),
+    ("tune", "tune.heartbeat_interval=0", "tune.heartbeat_interval must be >= 1 second or null"),
+    ("tune", "tune.pruners.median=3", "tune.pruners must be a mapping of mappings"),
+    ("tune", "tune.study_name=1.5", "tune.study_name must be text, got 1.5; quote it"),
+    ("tune", "train.epochs=ten", "train.epochs must be an integer, got 'ten'"),
+    ("finetune", "finetune.from_study=[a]", "finetune.from_study must be text or null"),
+    ("finetune", "optim.lr=fast", "optim.lr must be a number, got 'fast'"),
+    ("eval_tta", "eval.batch_size=abc", "eval.batch_size must be an integer, got 'abc'"),
+    ("eval_tta", "data.download=1", "data.download must be true or false, got 1"),
+    ("promote", "promote.force=1", "promote.force must be true or false, got 1"),
+    ("promote", "promote.version=1.5", "promote.version must be text or null, got 1.5"),
+    ("report", "registry.model_name=[a]", "registry.model_name must be text, got ['a']"),
+])
+def test_a_wrong_type_or_range_is_one_line_naming_key_value_and_what_is_allowed(
+        entry, override, message):
+    with pytest.raises(ConfigError) as err:
+        typed(entry, override)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_values_hydra_types_loosely_are_taken_as_their_fields_want_them():
+    s, _ = typed("train", "optim.lr=1", "+optim.betas=[0,0.99]", "train.compile=true",
+                 "resume=12345")
+    assert s.optim.lr == 1.0 and isinstance(s.optim.lr, float)
+    assert s.optim.betas == (0.0, 0.99) and s.train.compile is True and s.resume == "12345"
+    _, tune = typed("tune", "tune.study_name=2024", "tune.timeout=60")
+    assert tune.study_name == "2024" and tune.timeout == 60.0
+    _, promote = typed("promote", "promote.version=3")
+    assert promote.version == "3"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage, override, message", [
+    ("train", "train.epochs=1.5", "train.epochs must be an integer, got 1.5"),
+    ("train", "train.epochs=ten", "train.epochs must be an integer, got 'ten'"),
+    ("tune", "tune.n_trials=1.5", "tune.n_trials must be an integer, got 1.5"),
+    ("finetune", "optim.lr=fast", "optim.lr must be a number, got 'fast'"),
+])
+def test_a_wrong_type_stops_the_stage_process_before_any_run(tiny_cifar, tmp_path, stage,
+                                                             override, message):
+    from mlflow.tracking import MlflowClient
+
+    from stage_utils import make_experiment, run_module, stage_env, tiny_overrides
+
+    env = stage_env(tmp_path)
+    make_experiment(tmp_path, "tests")
+    result = run_module(f"cifar_resnet.stages.{stage}",
+                        [*tiny_overrides(tiny_cifar, tmp_path), override], env, timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0], result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    assert client.search_runs(experiments) == []

@@ -18,12 +18,21 @@ from ..data import CIFAR10_CLASSES
 from . import CONF_DIR, UserError, hydra_recomposer, launch, report_user_errors, resolve_recipe
 
 
+# MLproject parameter -> the config key (or group) it sets; `overrides` is the rest.
+PARAMETERS = {"model_uri": "finetune.model_uri",
+              "epochs": "train.epochs",
+              "from_study": "finetune.from_study",
+              "lr": "optim.lr",
+              "weight_decay": "optim.weight_decay"}
+
+
 @hydra.main(config_path=CONF_DIR, config_name="finetune", version_base="1.3")
 @report_user_errors
 def main(cfg: DictConfig) -> None:
     cfg, requested_recipe = resolve_recipe(cfg, hydra_recomposer("finetune"))
     config = to_container(cfg)
     settings = section_settings(FinetuneSettings, "finetune", config.pop("finetune"))
+    train_settings(config)  # a bad value stops here, before the registry or weights are read
     source = registry.resolve(settings.model_uri)
     tags = source.lineage_tags()
     if settings.from_study:
@@ -49,6 +58,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    launch(main, aliases={"model_uri": "finetune.model_uri", "epochs": "train.epochs",
-                          "from_study": "finetune.from_study", "lr": "optim.lr",
-                          "weight_decay": "optim.weight_decay"})
+    launch(main, PARAMETERS)

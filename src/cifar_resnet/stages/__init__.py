@@ -5,7 +5,9 @@ Hydra overrides, and how user errors become one clear line and exit code 2."""
 from __future__ import annotations
 
 import functools
+import math
 import os
+import re
 import shlex
 import sys
 from pathlib import Path
@@ -27,22 +29,82 @@ def mlproject_argv(argv: list[str], aliases: dict[str, str]) -> list[str]:
     """Turn MLproject-style arguments into Hydra overrides.
 
     ``mlflow run`` hands every parameter over as one shell-quoted word, so
-    ``overrides='a=1 b=2'`` arrives as the single argument ``overrides=a=1 b=2``
-    and is split here. An alias with an empty value (the MLproject default)
-    leaves the config's own value alone: a recipe's epoch count survives
-    ``mlflow run`` without ``-P epochs``.
+    ``storage=sqlite:///optuna.db?timeout=30`` arrives as one argument whatever its
+    value holds. A named parameter (``aliases``: parameter -> the config key or group
+    it sets) is never read as Hydra syntax: text reaches the config verbatim, ``${...}``
+    included; an option of a config group, a number or a bool is checked here.
+    ``overrides`` is Hydra syntax: a command line of overrides, split as a shell
+    splits it. An empty value (the MLproject default) leaves the config's own value
+    alone: a recipe's epoch count survives ``mlflow run`` without ``-P epochs``.
+
+    Raises ParameterError, naming the ``-P``, for an option its group does not have,
+    a number or bool that is not one, or ``overrides`` a shell could not split.
     """
     out = []
     for arg in argv:
         key, sep, value = arg.partition("=")
         if sep and key == "overrides":
-            out.extend(shlex.split(value))
+            try:
+                out.extend(shlex.split(value))
+            except ValueError as err:  # an unclosed quote
+                raise ParameterError(f"-P overrides={value!r}: {err}; it is a command line "
+                                     "of Hydra overrides, split as a shell splits it") from None
         elif sep and key in aliases:
             if value.strip():
-                out.append(f"{aliases[key]}={value}")
+                out.append(parameter_override(key, aliases[key], value))
         else:
             out.append(arg)
     return out
+
+
+def parameter_override(name: str, key: str, value: str) -> str:
+    """The Hydra override for MLproject parameter ``name`` setting config ``key``
+    (a key like ``tune.storage``, or a group like ``model``) to ``value``.
+
+    Raises ParameterError when ``key`` is a group without the option ``value``, or
+    holds an int, float or bool that ``value`` is not.
+    """
+    group = Path(CONF_DIR) / key
+    if "." not in key and group.is_dir():
+        options = sorted(p.stem for p in group.glob("*.yaml"))
+        if value.strip() not in options:
+            raise ParameterError(f"-P {name}={value!r} must be one of {', '.join(options)} "
+                                 f"(the {key} group)")
+        return f"{key}={value.strip()}"
+    from ..config import key_type
+
+    kind, text = key_type(key), value.strip()
+    if kind is bool:
+        if text.lower() not in ("true", "false"):
+            raise ParameterError(f"-P {name}={value!r} must be true or false (it sets {key})")
+        return f"{key}={text.lower()}"
+    if kind is int:
+        if not re.fullmatch(r"[+-]?[0-9]+", text):
+            raise ParameterError(f"-P {name}={value!r} must be an integer (it sets {key})")
+        return f"{key}={int(text)}"
+    if kind is float:
+        try:
+            number = float(text)
+        except ValueError:
+            number = math.nan
+        if math.isnan(number):
+            raise ParameterError(f"-P {name}={value!r} must be a number (it sets {key})")
+        return f"{key}={number!r}"
+    return f"{key}={hydra_quoted(value)}"
+
+
+def hydra_quoted(text: str) -> str:
+    """``text`` as a quoted Hydra override value that the composed config resolves back
+    to ``text`` exactly, whatever characters it holds (``= , ' " [ ] { } ( )``, spaces,
+    backslashes, ``${...}``)."""
+    # OmegaConf reads ${ as an interpolation unless escaped as \${; the backslashes
+    # right before it are halved, so they are doubled first.
+    text = re.sub(r"(\\*)\$\{", lambda m: m.group(1) * 2 + "\\${", text)
+    # Inside Hydra's '...', a quote is escaped as \' and the backslashes right before a
+    # quote (or before the closing one) are halved; backslashes elsewhere are literal.
+    text = re.sub(r"(\\*)('|\Z)", lambda m: m.group(1) * 2 + ("\\'" if m.group(2) else ""),
+                  text)
+    return f"'{text}'"
 
 
 AUTO_RECIPE = "auto"
@@ -73,8 +135,11 @@ def resolve_recipe(cfg, compose: Callable[[str], object]):
 def task_overrides() -> list[str]:
     """This ``@hydra.main`` app's command-line overrides, as given."""
     from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
 
-    return list(HydraConfig.get().overrides.task)
+    # Hydra keeps them in a config node: reading it plainly would resolve a value's
+    # escaped \${...} into an interpolation that the next compose then expands.
+    return list(OmegaConf.to_container(HydraConfig.get().overrides.task, resolve=False))
 
 
 def hydra_recomposer(config_name: str) -> Callable[[str], object]:
@@ -89,6 +154,10 @@ def hydra_recomposer(config_name: str) -> Callable[[str], object]:
 
 class UserError(Exception):
     """Marker base for errors whose message alone tells the user what to fix."""
+
+
+class ParameterError(UserError):
+    """An MLproject parameter (``-P name=value``) whose value its config key cannot take."""
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
@@ -114,5 +183,13 @@ def report_user_errors(task: Callable) -> Callable:
 
 
 def launch(main: Callable[[], None], aliases: dict[str, str]) -> None:
-    sys.argv = [sys.argv[0], *mlproject_argv(sys.argv[1:], aliases)]
+    """Run a stage's ``@hydra.main`` with its MLproject parameters (``aliases``:
+    parameter -> config key or group) turned into overrides; a bad parameter is one
+    line on stderr and exit code 2."""
+    try:
+        argv = mlproject_argv(sys.argv[1:], aliases)
+    except ParameterError as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+    sys.argv = [sys.argv[0], *argv]
     main()

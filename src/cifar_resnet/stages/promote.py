@@ -18,6 +18,13 @@ from ..config import PromoteSettings, RegistrySettings, section_settings, to_con
 from . import CONF_DIR, launch, report_user_errors
 
 
+# MLproject parameter -> the config key (or group) it sets; `overrides` is the rest.
+PARAMETERS = {"metric": "promote.metric",
+              "force": "promote.force",
+              "version": "promote.version",
+              "allow_test_selection": "promote.allow_test_selection"}
+
+
 @hydra.main(config_path=CONF_DIR, config_name="promote", version_base="1.3")
 @report_user_errors
 def main(cfg: DictConfig) -> None:
@@ -36,6 +43,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    launch(main, aliases={"metric": "promote.metric", "force": "promote.force",
-                          "version": "promote.version",
-                          "allow_test_selection": "promote.allow_test_selection"})
+    launch(main, PARAMETERS)

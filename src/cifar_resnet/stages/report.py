@@ -14,6 +14,10 @@ from ..config import RegistrySettings, section_settings, to_container
 from . import CONF_DIR, launch, report_user_errors
 
 
+# MLproject parameter -> the config key (or group) it sets; `overrides` is the rest.
+PARAMETERS = {"model_name": "registry.model_name"}
+
+
 @hydra.main(config_path=CONF_DIR, config_name="report", version_base="1.3")
 @report_user_errors
 def main(cfg: DictConfig) -> None:
@@ -32,4 +36,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    launch(main, aliases={"model_name": "registry.model_name"})
+    launch(main, PARAMETERS)

@@ -20,6 +20,11 @@ from . import (CONF_DIR, hydra_recomposer, launch, report_user_errors, resolve_r
 RESUME_OVERRIDES = ("resume", "train.checkpoint_dir")
 
 
+# MLproject parameter -> the config key (or group) it sets; `overrides` is the rest.
+PARAMETERS = {"epochs": "train.epochs",
+              "model": "model"}
+
+
 @hydra.main(config_path=CONF_DIR, config_name="train", version_base="1.3")
 @report_user_errors
 def main(cfg: DictConfig) -> None:
@@ -42,4 +47,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    launch(main, aliases={"epochs": "train.epochs", "model": "model"})
+    launch(main, PARAMETERS)

@@ -20,6 +20,11 @@ from ..tta import TTA_VIEWS, metric_name, tta_views
 from . import CONF_DIR, launch, report_user_errors
 
 
+# MLproject parameter -> the config key (or group) it sets; `overrides` is the rest.
+PARAMETERS = {"model_uri": "eval.model_uri",
+              "views": "tta"}
+
+
 @hydra.main(config_path=CONF_DIR, config_name="eval_tta", version_base="1.3")
 @report_user_errors
 def main(cfg: DictConfig) -> None:
@@ -49,7 +54,8 @@ def main(cfg: DictConfig) -> None:
         print(f"MLflow run {run.info.run_id}: {ref.label} on {len(labels):,} test images, "
               f"views {views_name} ({', '.join(TTA_VIEWS[views_name])})", flush=True)
         tracking.log_config(config, {"model_name": ref.name, "model_version": ref.version,
-                                     "views": ",".join(TTA_VIEWS[views_name]),
+                                     # not "views": mlflow run logs -P views under it
+                                     "tta.views": ",".join(TTA_VIEWS[views_name]),
                                      "n_views": len(views), "device": str(device),
                                      "resolved_precision": precision,
                                      "hardware": hardware.describe(device)})
@@ -81,4 +87,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    launch(main, aliases={"model_uri": "eval.model_uri", "views": "tta"})
+    launch(main, PARAMETERS)

@@ -522,7 +522,7 @@ def test_tta_flip_averages_the_image_and_its_mirror(classifier, torch_model):
 def test_every_view_set_answers_what_eval_tta_averaged(classifier, torch_model, name):
     """Serving's tta=<set> and eval_tta's test_acc_tta_<set> average the same softmax:
     engine.predict_logits is what eval_tta and training's end-of-run figure call."""
-    images = sample_images(300)  # over one forward pass's worth for every set
+    images = sample_images(160)  # over one forward pass (128 images) for every set
     served = np.array(classifier.predict(None, images, params={"tta": name})
                       ["probabilities"].tolist())
     evaluated = engine.predict_logits(torch_model, images, torch.device("cpu"), batch_size=128,

@@ -16,11 +16,12 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from .errors import UserError
 from .hardware import DEVICES, PRECISIONS
 from .tta import TTA_VIEWS
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration that cannot be trained; the message says which key and why."""
 
 

@@ -11,6 +11,8 @@ import pickle
 
 import numpy as np
 
+from ..errors import UserError
+
 CIFAR10_CLASSES: tuple[str, ...] = (
     "airplane", "automobile", "bird", "cat", "deer",
     "dog", "frog", "horse", "ship", "truck",
@@ -37,7 +39,7 @@ TEST_FILES = ("test_batch",)
 _WHAT_TO_SET = f"set CIFAR10_ROOT or data.root=... to the folder that holds {BATCHES_DIRNAME}"
 
 
-class DataError(RuntimeError):
+class DataError(UserError, RuntimeError):
     """The data is missing, corrupted or unreadable; the message says what to do."""
 
 

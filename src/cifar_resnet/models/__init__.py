@@ -9,6 +9,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from ..errors import UserError
 from .resnet import resnet18_slim, resnet_small, se_resnet, seed_resnet
 from .resnet9 import resnet9
 from .whitened_resnet import whitened_resnet
@@ -35,7 +36,7 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
 }
 
 
-class UnknownModelError(ValueError):
+class UnknownModelError(UserError, ValueError):
     """Raised by build_model for a name not in MODELS; the message lists the known names."""
 
     def __init__(self, name: str):

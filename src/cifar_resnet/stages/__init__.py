@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+from ..errors import UserError
+
 
 def config_dir() -> str:
     """conf/ at the repository root (editable installs), or $CIFAR_RESNET_CONF, or ./conf."""
@@ -152,20 +154,8 @@ def hydra_recomposer(config_name: str) -> Callable[[str], object]:
                                   overrides=[*overrides, f"recipe={recipe}"])
 
 
-class UserError(Exception):
-    """Marker base for errors whose message alone tells the user what to fix."""
-
-
 class ParameterError(UserError):
     """An MLproject parameter (``-P name=value``) whose value its config key cannot take."""
-
-
-def user_errors() -> tuple[type[BaseException], ...]:
-    from ..config import ConfigError
-    from ..data import DataError
-    from ..models import UnknownModelError
-
-    return (UserError, ConfigError, DataError, UnknownModelError)
 
 
 def report_user_errors(task: Callable) -> Callable:
@@ -175,7 +165,7 @@ def report_user_errors(task: Callable) -> Callable:
     def wrapper(*args, **kwargs):
         try:
             return task(*args, **kwargs)
-        except user_errors() as err:
+        except UserError as err:
             print(f"error: {err}", file=sys.stderr, flush=True)
             raise SystemExit(2) from None
 

@@ -15,7 +15,8 @@ from .. import registry, tuning
 from ..experiment import train_and_register
 from ..config import FinetuneSettings, section_settings, to_container, train_settings
 from ..data import CIFAR10_CLASSES
-from . import CONF_DIR, UserError, hydra_recomposer, launch, report_user_errors, resolve_recipe
+from ..errors import UserError
+from . import CONF_DIR, hydra_recomposer, launch, report_user_errors, resolve_recipe
 
 
 # MLproject parameter -> the config key (or group) it sets; `overrides` is the rest.

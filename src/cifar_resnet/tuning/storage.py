@@ -8,7 +8,7 @@ from typing import Any, Callable
 
 import optuna
 
-from ..stages import UserError
+from ..errors import UserError
 
 
 class StudyError(UserError):

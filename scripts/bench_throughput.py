@@ -35,7 +35,7 @@ import torchvision  # noqa: E402
 from torchvision import transforms as T  # noqa: E402
 
 from cifar_resnet import data, engine, hardware  # noqa: E402
-from cifar_resnet.gpu_augment import BatchAugment  # noqa: E402
+from cifar_resnet.batch_augment import BatchAugment  # noqa: E402
 from cifar_resnet.models import MODELS, ImageClassifier, build_model, count_parameters  # noqa: E402
 
 WARMUP_BATCHES = 2

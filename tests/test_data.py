@@ -7,7 +7,7 @@ import torch
 
 from cifar_resnet import data
 from cifar_resnet.augment import build_train_transform
-from cifar_resnet.gpu_augment import BatchAugment
+from cifar_resnet.batch_augment import BatchAugment
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from cifar_resnet import tta
-from cifar_resnet.gpu_augment import translate
+from cifar_resnet.batch_augment import translate
 
 
 @pytest.mark.parametrize("name, count", [("identity", 1), ("flip", 2), ("flip_shift", 6),

@@ -18,7 +18,7 @@ from torch import nn
 
 from . import data, engine, hardware
 from .config import ConfigError, DataSettings, ModelSettings, TrainSettings
-from .gpu_augment import BatchAugment
+from .batch_augment import BatchAugment
 from .models import ImageClassifier, build_model, count_parameters
 from .optim import Lookahead, ModelEMA, build_optimizer, build_scheduler, param_groups
 

@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, SequentialSampler
 
 if TYPE_CHECKING:
-    from ..gpu_augment import BatchAugment
+    from ..batch_augment import BatchAugment
 
 # --------------------------------------------------------------------------- seeding
 

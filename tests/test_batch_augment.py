@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from cifar_resnet import gpu_augment as ga
+from cifar_resnet import batch_augment as ga
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 

@@ -41,8 +41,10 @@ def run_once(overrides: list[str], seed: int, splits_cache: dict) -> dict:
     composed = [*overrides, f"seed={seed}", "train.progress=false"]
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose(config_name="train", overrides=composed)
-        cfg, _ = resolve_recipe(cfg, lambda recipe: compose(
-            config_name="train", overrides=[*composed, f"recipe={recipe}"]))
+        cfg, _ = resolve_recipe(
+            cfg,
+            lambda recipe: compose(config_name="train", overrides=[*composed, f"recipe={recipe}"]),
+        )
     settings = train_settings(cfg)
     d = settings.data
     key = (d.root, d.val_size, d.train_subset, d.split_seed)
@@ -57,17 +59,26 @@ def run_once(overrides: list[str], seed: int, splits_cache: dict) -> dict:
         tested, _ = training.test_once(run, Path(tmp))
     history = state.history
     return {
-        "overrides": " ".join(overrides), "seed": seed, "recipe": settings.recipe,
-        "model": settings.model.name, "parameters": run.parameters,
-        "device": device_name(device), "epochs": state.epoch,
-        "precision": settings.train.precision, "cpu_class": hardware.cpu_class(),
+        "overrides": " ".join(overrides),
+        "seed": seed,
+        "recipe": settings.recipe,
+        "model": settings.model.name,
+        "parameters": run.parameters,
+        "device": device_name(device),
+        "epochs": state.epoch,
+        "precision": settings.train.precision,
+        "cpu_class": hardware.cpu_class(),
         "train_seconds": round(sum(m["epoch_seconds"] for m in history), 2),
         "fit_seconds": round(fit_seconds, 2),  # training + per-epoch validation + data set-up
-        "images_per_second": round(sum(m["images_per_second"] for m in history[1:] or history)
-                                   / max(len(history) - 1, 1), 1),
-        "best_val_acc": round(state.best_val_acc, 4), "best_epoch": state.best_epoch,
+        "images_per_second": round(
+            sum(m["images_per_second"] for m in history[1:] or history) / max(len(history) - 1, 1),
+            1,
+        ),
+        "best_val_acc": round(state.best_val_acc, 4),
+        "best_epoch": state.best_epoch,
         **{k: round(v, 4) for k, v in tested.items()},
-        "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M"),
+        "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d %H:%M"),
     }
 
 

@@ -64,12 +64,21 @@ def request_bodies(images: np.ndarray, batch: int) -> list[bytes]:
     bodies = []
     for i in range(BODIES_PER_CONFIG):
         rows = [[files[(i * batch + j) % len(files)]] for j in range(batch)]
-        bodies.append(json.dumps({"dataframe_split": {"columns": ["image"], "data": rows}}).encode())
+        bodies.append(
+            json.dumps({"dataframe_split": {"columns": ["image"], "data": rows}}).encode()
+        )
     return bodies
 
 
-def run_config(url: str, bodies: list[bytes], batch: int, concurrency: int,
-               max_requests: int, max_seconds: float, warmup: int) -> dict:
+def run_config(
+    url: str,
+    bodies: list[bytes],
+    batch: int,
+    concurrency: int,
+    max_requests: int,
+    max_seconds: float,
+    warmup: int,
+) -> dict:
     parsed = urllib.parse.urlparse(url)
     lock = threading.Lock()
     issued = 0
@@ -102,8 +111,9 @@ def run_config(url: str, bodies: list[bytes], batch: int, concurrency: int,
                     with lock:
                         errors.append(str(error))
                     connection.close()
-                    connection = http.client.HTTPConnection(parsed.hostname, parsed.port,
-                                                            timeout=120)
+                    connection = http.client.HTTPConnection(
+                        parsed.hostname, parsed.port, timeout=120
+                    )
                     continue
                 with lock:
                     latencies.append(time.perf_counter() - started)
@@ -116,27 +126,39 @@ def run_config(url: str, bodies: list[bytes], batch: int, concurrency: int,
     warm.close()
 
     started = time.perf_counter()
-    threads = [threading.Thread(target=worker, args=(i, started + max_seconds))
-               for i in range(concurrency)]
+    threads = [
+        threading.Thread(target=worker, args=(i, started + max_seconds)) for i in range(concurrency)
+    ]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
     wall = time.perf_counter() - started
     ms = np.array(latencies) * 1000
-    return {"concurrency": concurrency, "batch": batch, "requests": len(latencies),
-            "errors": len(errors), "first_error": errors[0] if errors else "",
-            "p50_ms": float(np.percentile(ms, 50)) if len(ms) else float("nan"),
-            "p99_ms": float(np.percentile(ms, 99)) if len(ms) else float("nan"),
-            "images_per_s": len(latencies) * batch / wall, "wall_s": wall}
+    return {
+        "concurrency": concurrency,
+        "batch": batch,
+        "requests": len(latencies),
+        "errors": len(errors),
+        "first_error": errors[0] if errors else "",
+        "p50_ms": float(np.percentile(ms, 50)) if len(ms) else float("nan"),
+        "p99_ms": float(np.percentile(ms, 99)) if len(ms) else float("nan"),
+        "images_per_s": len(latencies) * batch / wall,
+        "wall_s": wall,
+    }
 
 
 def markdown(results: list[dict]) -> str:
-    lines = ["| concurrency | images/request | requests | p50 latency (ms) | p99 latency (ms) "
-             "| throughput (images/s) | errors |", "|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| concurrency | images/request | requests | p50 latency (ms) | p99 latency (ms) "
+        "| throughput (images/s) | errors |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in results:
-        lines.append(f"| {r['concurrency']} | {r['batch']} | {r['requests']} | {r['p50_ms']:.1f} "
-                     f"| {r['p99_ms']:.1f} | {r['images_per_s']:.1f} | {r['errors']} |")
+        lines.append(
+            f"| {r['concurrency']} | {r['batch']} | {r['requests']} | {r['p50_ms']:.1f} "
+            f"| {r['p99_ms']:.1f} | {r['images_per_s']:.1f} | {r['errors']} |"
+        )
     return "\n".join(lines)
 
 
@@ -163,9 +185,13 @@ def register_random_model(store: Path, model_name: str, registered_name: str) ->
     mlflow.set_tracking_uri(uri)
     torch.manual_seed(0)
     model = ImageClassifier(build_model(model_name), CIFAR_MEAN, CIFAR_STD).eval()
-    weights = serving.save_weights(store / "weights.pt", model, model_name, {},
-                                   ["airplane", "automobile", "bird", "cat", "deer", "dog",
-                                    "frog", "horse", "ship", "truck"])
+    weights = serving.save_weights(
+        store / "weights.pt",
+        model,
+        model_name,
+        {},
+        ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"],
+    )
     client = MlflowClient()
     experiment = client.create_experiment("bench", artifact_location=(store / "artifacts").as_uri())
     with mlflow.start_run(experiment_id=experiment):
@@ -178,13 +204,31 @@ def register_random_model(store: Path, model_name: str, registered_name: str) ->
 @contextlib.contextmanager
 def served(model_uri: str, tracking_uri: str, log: Path):
     port = free_port()
-    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri,
-           "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": tracking_uri,
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
     with open(log, "wb") as out:
         process = subprocess.Popen(
-            [str(BIN / "mlflow"), "models", "serve", "-m", model_uri, "--env-manager", "local",
-             "--host", "127.0.0.1", "--port", str(port)],
-            env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+            [
+                str(BIN / "mlflow"),
+                "models",
+                "serve",
+                "-m",
+                model_uri,
+                "--env-manager",
+                "local",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+            ],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 180
@@ -212,11 +256,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     where = parser.add_mutually_exclusive_group(required=True)
     where.add_argument("--url", help="a running server, e.g. http://127.0.0.1:5000")
-    where.add_argument("--serve", metavar="MODEL",
-                       help="serve a random-init MODEL (e.g. seed_resnet) for the run")
+    where.add_argument(
+        "--serve", metavar="MODEL", help="serve a random-init MODEL (e.g. seed_resnet) for the run"
+    )
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8])
-    parser.add_argument("--batch", type=int, nargs="+", default=[1, 32],
-                        help="images per request")
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 32], help="images per request")
     parser.add_argument("--max-requests", type=int, default=400, help="per configuration")
     parser.add_argument("--max-seconds", type=float, default=20, help="per configuration")
     parser.add_argument("--warmup", type=int, default=3, help="requests before timing")
@@ -227,29 +271,44 @@ def main() -> int:
         if args.serve:
             store = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-serving-")))
             tracking_uri = register_random_model(store, args.serve, "bench-cifar10")
-            url = stack.enter_context(served("models:/bench-cifar10@champion", tracking_uri,
-                                             store / "server.log"))
-            print(f"serving random-init {args.serve} as models:/bench-cifar10@champion at {url}",
-                  flush=True)
+            url = stack.enter_context(
+                served("models:/bench-cifar10@champion", tracking_uri, store / "server.log")
+            )
+            print(
+                f"serving random-init {args.serve} as models:/bench-cifar10@champion at {url}",
+                flush=True,
+            )
         else:
             url = args.url.rstrip("/").removesuffix("/invocations")
         results = []
         for batch in args.batch:
             bodies = request_bodies(images, batch)
             for concurrency in args.concurrency:
-                result = run_config(url, bodies, batch, concurrency, args.max_requests,
-                                    args.max_seconds, args.warmup)
+                result = run_config(
+                    url,
+                    bodies,
+                    batch,
+                    concurrency,
+                    args.max_requests,
+                    args.max_seconds,
+                    args.warmup,
+                )
                 results.append(result)
-                print(f"concurrency {concurrency:2d}, {batch:3d} images/request: "
-                      f"{result['requests']} requests in {result['wall_s']:.1f} s, "
-                      f"p50 {result['p50_ms']:.1f} ms, p99 {result['p99_ms']:.1f} ms, "
-                      f"{result['images_per_s']:.1f} images/s, {result['errors']} errors "
-                      f"{result['first_error']}", flush=True)
+                print(
+                    f"concurrency {concurrency:2d}, {batch:3d} images/request: "
+                    f"{result['requests']} requests in {result['wall_s']:.1f} s, "
+                    f"p50 {result['p50_ms']:.1f} ms, p99 {result['p99_ms']:.1f} ms, "
+                    f"{result['images_per_s']:.1f} images/s, {result['errors']} errors "
+                    f"{result['first_error']}",
+                    flush=True,
+                )
     print()
-    print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; "
-          f"images: {'CIFAR-10 test' if os.environ.get('CIFAR10_ROOT') else 'synthetic'} PNGs; "
-          f"at most {args.max_requests} requests or {args.max_seconds:g} s per row, "
-          f"after {args.warmup} warm-up requests")
+    print(
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; "
+        f"images: {'CIFAR-10 test' if os.environ.get('CIFAR10_ROOT') else 'synthetic'} PNGs; "
+        f"at most {args.max_requests} requests or {args.max_seconds:g} s per row, "
+        f"after {args.warmup} warm-up requests"
+    )
     print(markdown(results))
     return 1 if any(r["errors"] for r in results) else 0
 

@@ -24,11 +24,15 @@ def main() -> None:
         config = yaml.safe_load(path.read_text())
         model = build_model(config["name"], **(config.get("kwargs") or {}))
         kwargs = ", ".join(f"{k}={v}" for k, v in (config.get("kwargs") or {}).items())
-        print(f"| `{path.stem}` | {config['name']}({kwargs}) | {count_parameters(model):,} | "
-              f"{count_flops(model) / 1e9:.3f} |")
+        print(
+            f"| `{path.stem}` | {config['name']}({kwargs}) | {count_parameters(model):,} | "
+            f"{count_flops(model) / 1e9:.3f} |"
+        )
     print()
-    print("GFLOPs = 2 x multiply-accumulates of conv and linear layers for one 3x32x32 image "
-          "(`count_flops`).")
+    print(
+        "GFLOPs = 2 x multiply-accumulates of conv and linear layers for one 3x32x32 image "
+        "(`count_flops`)."
+    )
 
 
 if __name__ == "__main__":

@@ -21,16 +21,36 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 if importlib.util.find_spec("cifar_resnet") is None:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-LABEL_NAMES = (b"airplane", b"automobile", b"bird", b"cat", b"deer",
-               b"dog", b"frog", b"horse", b"ship", b"truck")
+LABEL_NAMES = (
+    b"airplane",
+    b"automobile",
+    b"bird",
+    b"cat",
+    b"deer",
+    b"dog",
+    b"frog",
+    b"horse",
+    b"ship",
+    b"truck",
+)
 TINY_TRAIN_PER_BATCH = 40  # 4 per class per batch, 20 per class over the 5 batches
 TINY_TEST = 100  # 10 per class
 
 # One mean colour per class, far enough apart that a small model learns them fast.
-_CLASS_COLOURS = np.array([
-    (230, 40, 40), (40, 230, 40), (40, 40, 230), (230, 230, 40), (230, 40, 230),
-    (40, 230, 230), (140, 140, 140), (240, 150, 60), (60, 150, 240), (20, 20, 20),
-])
+_CLASS_COLOURS = np.array(
+    [
+        (230, 40, 40),
+        (40, 230, 40),
+        (40, 40, 230),
+        (230, 230, 40),
+        (230, 40, 230),
+        (40, 230, 230),
+        (140, 140, 140),
+        (240, 150, 60),
+        (60, 150, 240),
+        (20, 20, 20),
+    ]
+)
 
 
 class TinyCifar(NamedTuple):
@@ -78,12 +98,16 @@ def write_tiny_cifar(root: Path, seed: int = 0) -> TinyCifar:
         images = _class_images(labels, rng)
         if number == 1:
             images[0] = known_image()
-        _write_batch(folder / f"data_batch_{number}", images, labels,
-                     f"training batch {number} of 5")
+        _write_batch(
+            folder / f"data_batch_{number}", images, labels, f"training batch {number} of 5"
+        )
     labels = _balanced_labels(TINY_TEST, rng)
     _write_batch(folder / "test_batch", _class_images(labels, rng), labels, "testing batch 1 of 1")
-    meta = {b"num_cases_per_batch": TINY_TRAIN_PER_BATCH, b"label_names": list(LABEL_NAMES),
-            b"num_vis": 3072}
+    meta = {
+        b"num_cases_per_batch": TINY_TRAIN_PER_BATCH,
+        b"label_names": list(LABEL_NAMES),
+        b"num_vis": 3072,
+    }
     with open(folder / "batches.meta", "wb") as f:
         pickle.dump(meta, f, protocol=2)
     md5 = {path.name: hashlib.md5(path.read_bytes()).hexdigest() for path in folder.iterdir()}
@@ -110,7 +134,9 @@ def cifar_root() -> Path:
     if not root:
         pytest.skip("CIFAR10_ROOT is not set")
     root_path = Path(root).expanduser()
-    if not any((folder / "data_batch_1").is_file()
-               for folder in (root_path, root_path / "cifar-10-batches-py")):
+    if not any(
+        (folder / "data_batch_1").is_file()
+        for folder in (root_path, root_path / "cifar-10-batches-py")
+    ):
         pytest.skip(f"no CIFAR-10 batches under CIFAR10_ROOT={root}")
     return root_path

@@ -23,9 +23,13 @@ def write_md5_file(tiny) -> Path:
 
 def stage_env(tmp: Path) -> dict[str, str]:
     env = dict(os.environ)
-    env.update(MLFLOW_TRACKING_URI=f"sqlite:///{tmp}/mlflow.db", NO_ALBUMENTATIONS_UPDATE="1",
-               GIT_PYTHON_REFRESH="quiet", PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",
-               PYTHONUNBUFFERED="1")
+    env.update(
+        MLFLOW_TRACKING_URI=f"sqlite:///{tmp}/mlflow.db",
+        NO_ALBUMENTATIONS_UPDATE="1",
+        GIT_PYTHON_REFRESH="quiet",
+        PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",
+        PYTHONUNBUFFERED="1",
+    )
     env.pop("MLFLOW_RUN_ID", None)
     return env
 
@@ -42,17 +46,32 @@ def make_experiment(tmp: Path, name: str) -> str:
 
 def tiny_overrides(tiny, tmp: Path, **extra) -> list[str]:
     values = {
-        "data.root": str(tiny.root), "data.md5_file": str(write_md5_file(tiny)),
-        "data.val_size": 50, "data.num_workers": 0, "data.download": "false",
-        "model": "resnet_small", "train.batch_size": 32, "train.eval_batch_size": 64,
-        "train.progress": "false", "train.checkpoint_dir": str(tmp / "checkpoints"),
-        "experiment_name": "tests", "registry.model_name": "tiny-cifar",
+        "data.root": str(tiny.root),
+        "data.md5_file": str(write_md5_file(tiny)),
+        "data.val_size": 50,
+        "data.num_workers": 0,
+        "data.download": "false",
+        "model": "resnet_small",
+        "train.batch_size": 32,
+        "train.eval_batch_size": 64,
+        "train.progress": "false",
+        "train.checkpoint_dir": str(tmp / "checkpoints"),
+        "experiment_name": "tests",
+        "registry.model_name": "tiny-cifar",
     }
     values.update(extra)
     return [f"{k}={v}" for k, v in values.items()]
 
 
-def run_module(module: str, args: list[str], env: dict, timeout: float = 300,
-               **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", module, *args], env=env, cwd=REPO,
-                          capture_output=True, text=True, timeout=timeout, **kwargs)
+def run_module(
+    module: str, args: list[str], env: dict, timeout: float = 300, **kwargs
+) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        **kwargs,
+    )

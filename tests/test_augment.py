@@ -36,7 +36,8 @@ def test_reseeded_children_draw_independently():
     # Compose(seed=...) seeds every child alike, so two p=0.5 flips would always
     # fire together; one shared stream must give all four combinations.
     flips = augment.AlbumentationsTransform(
-        augment.strict_compose([A.HorizontalFlip(p=0.5), A.VerticalFlip(p=0.5)]), seed=0)
+        augment.strict_compose([A.HorizontalFlip(p=0.5), A.VerticalFlip(p=0.5)]), seed=0
+    )
     image = np.arange(4 * 4 * 3, dtype=np.uint8).reshape(4, 4, 3)
     variants = [image, image[:, ::-1], image[::-1], image[::-1, ::-1]]
     outcomes = set()
@@ -68,8 +69,9 @@ def test_strict_compose_rejects_a_misspelt_argument():
 
 
 def test_cutout_fills_one_square_with_the_mean_pixel():
-    transform = augment.build_train_transform("standard", pad=0, flip_p=0, cutout_size=12,
-                                              cutout_p=1.0, seed=0)
+    transform = augment.build_train_transform(
+        "standard", pad=0, flip_p=0, cutout_size=12, cutout_p=1.0, seed=0
+    )
     out = transform(np.zeros((32, 32, 3), dtype=np.uint8))
     filled = (out == augment.CIFAR10_MEAN_PIXEL).all(-1)
     rows, cols = np.flatnonzero(filled.any(1)), np.flatnonzero(filled.any(0))
@@ -81,8 +83,10 @@ def test_five_crop_resize_picks_a_corner_or_the_centre(images):
     compose = augment.strict_compose([crop])
     image = images[0]
     corners = [(0, 0), (0, 16), (16, 16), (16, 0), (8, 8)]
-    expected = [cv2.resize(image[y:y + 16, x:x + 16], (32, 32), interpolation=cv2.INTER_AREA)
-                for y, x in corners]
+    expected = [
+        cv2.resize(image[y : y + 16, x : x + 16], (32, 32), interpolation=cv2.INTER_AREA)
+        for y, x in corners
+    ]
     seen = set()
     for _ in range(60):
         out = compose(image=image)["image"]

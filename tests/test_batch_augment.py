@@ -14,15 +14,16 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 @pytest.fixture(scope="module")
 def batch():
     """16 random uint8 NCHW images; random pixels make every translation distinct."""
-    return torch.randint(0, 256, (16, 3, 32, 32), generator=torch.Generator().manual_seed(0),
-                         dtype=torch.uint8)
+    return torch.randint(
+        0, 256, (16, 3, 32, 32), generator=torch.Generator().manual_seed(0), dtype=torch.uint8
+    )
 
 
 def reference_translate(image_hwc: np.ndarray, dy: int, dx: int, pad: int) -> np.ndarray:
     """Reflect-pad then crop at the offset: what a random-crop pipeline does to one image."""
     padded = np.pad(image_hwc, ((pad, pad), (pad, pad), (0, 0)), mode="reflect")
     height, width = image_hwc.shape[:2]
-    return padded[pad + dy:pad + dy + height, pad + dx:pad + dx + width]
+    return padded[pad + dy : pad + dy + height, pad + dx : pad + dx + width]
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -101,12 +102,13 @@ def test_random_flip_is_fair_and_seeded():
 def test_cutout_fills_exactly_one_square(device):
     images = torch.zeros(32, 3, 32, 32, dtype=torch.uint8, device=device)
     fill = (125, 123, 114)
-    out, corners, applied = ga.cutout(images, 8, torch.Generator(device=device).manual_seed(0),
-                                      fill=fill)
+    out, corners, applied = ga.cutout(
+        images, 8, torch.Generator(device=device).manual_seed(0), fill=fill
+    )
     assert applied.all() and corners.min() >= 0 and corners.max() <= 24
     for result, (y0, x0) in zip(out.cpu(), corners.tolist()):
         expected = torch.zeros(3, 32, 32, dtype=torch.uint8)
-        expected[:, y0:y0 + 8, x0:x0 + 8] = torch.tensor(fill, dtype=torch.uint8)[:, None, None]
+        expected[:, y0 : y0 + 8, x0 : x0 + 8] = torch.tensor(fill, dtype=torch.uint8)[:, None, None]
         assert torch.equal(result, expected)
     _, _, sometimes = ga.cutout(images, 8, torch.Generator(device=device).manual_seed(0), p=0.5)
     assert 0 < int(sometimes.sum()) < 32
@@ -129,5 +131,6 @@ def test_batch_augment_is_deterministic_under_the_generator(batch, device):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_alternating_flips_agree_across_devices():
     indices = torch.arange(5000)
-    assert torch.equal(ga.first_epoch_flips(indices, 7),
-                       ga.first_epoch_flips(indices.cuda(), 7).cpu())
+    assert torch.equal(
+        ga.first_epoch_flips(indices, 7), ga.first_epoch_flips(indices.cuda(), 7).cpu()
+    )

@@ -19,8 +19,10 @@ def test_conf_dir_is_the_repository_conf():
 def resolved_train(*overrides):
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose(config_name="train", overrides=list(overrides))
-        return resolve_recipe(cfg, lambda recipe: compose(
-            config_name="train", overrides=[*overrides, f"recipe={recipe}"]))
+        return resolve_recipe(
+            cfg,
+            lambda recipe: compose(config_name="train", overrides=[*overrides, f"recipe={recipe}"]),
+        )
 
 
 @pytest.mark.parametrize("device, recipe", [("cpu", "fast"), ("cuda", "best"), ("mps", "fast")])
@@ -50,7 +52,12 @@ def test_an_explicit_recipe_always_wins():
 def test_base_config_and_seed_recipe_follow_the_seed_report(override):
     s = train_settings(compose_train(override))
     assert s.model.name == "seed_resnet"
-    assert (s.optim.name, s.optim.lr, s.optim.momentum, s.optim.nesterov) == ("sgd", 0.1, 0.95, True)
+    assert (s.optim.name, s.optim.lr, s.optim.momentum, s.optim.nesterov) == (
+        "sgd",
+        0.1,
+        0.95,
+        True,
+    )
     assert s.optim.weight_decay == pytest.approx(4e-5)
     assert (s.optim.lookahead_k, s.optim.lookahead_alpha) == (5, 0.8)
     assert (s.schedule.name, s.schedule.pct_start) == ("onecycle", 0.25)
@@ -59,8 +66,9 @@ def test_base_config_and_seed_recipe_follow_the_seed_report(override):
     assert s.train.epochs == (200 if override == "recipe=seed" else 50)
 
 
-@pytest.mark.parametrize("recipe", sorted(p.stem for p in (Path(CONF_DIR) / "recipe").glob("*.yaml")
-                                           if p.stem != "auto"))
+@pytest.mark.parametrize(
+    "recipe", sorted(p.stem for p in (Path(CONF_DIR) / "recipe").glob("*.yaml") if p.stem != "auto")
+)
 def test_every_recipe_builds_under_the_parameter_limit(recipe):
     from cifar_resnet.models import count_parameters
     from cifar_resnet.pipeline import build_network
@@ -75,26 +83,36 @@ def test_recipe_survives_a_model_override():
     assert s.model.name == "resnet_small" and s.optim.lr == 0.2
 
 
-@pytest.mark.parametrize("model", ["seed_resnet", "resnet18_slim", "se_resnet", "wide_resnet",
-                                   "resnet_small", "resnet9"])
+@pytest.mark.parametrize(
+    "model", ["seed_resnet", "resnet18_slim", "se_resnet", "wide_resnet", "resnet_small", "resnet9"]
+)
 def test_every_model_config_composes(model):
     assert train_settings(compose_train(f"model={model}")).model.name == model
 
 
 def test_overrides_reach_the_typed_settings():
-    s = train_settings(compose_train("train.epochs=3", "optim.lr=0.05", "augment=none",
-                                     "data.train_subset=100"))
-    assert (s.train.epochs, s.optim.lr, s.augment.name, s.data.train_subset) == (3, 0.05, "none", 100)
+    s = train_settings(
+        compose_train("train.epochs=3", "optim.lr=0.05", "augment=none", "data.train_subset=100")
+    )
+    assert (s.train.epochs, s.optim.lr, s.augment.name, s.data.train_subset) == (
+        3,
+        0.05,
+        "none",
+        100,
+    )
 
 
-@pytest.mark.parametrize("override, message", [
-    ("train.epochs=0", "train.epochs must be a positive integer"),
-    ("train.epochs=-3", "train.epochs must be a positive integer"),
-    ("data.loader=gpu", "data.loader"),
-    ("+optim.learning_rate=1", "unknown key"),
-    ("train.tta=flipp", "train.tta must be a view set .*flip_shift.*got 'flipp'"),
-    ("settings_from_run=abc123", "settings_from_run=abc123 is for a final fit .*val_size=0"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.epochs=0", "train.epochs must be a positive integer"),
+        ("train.epochs=-3", "train.epochs must be a positive integer"),
+        ("data.loader=gpu", "data.loader"),
+        ("+optim.learning_rate=1", "unknown key"),
+        ("train.tta=flipp", "train.tta must be a view set .*flip_shift.*got 'flipp'"),
+        ("settings_from_run=abc123", "settings_from_run=abc123 is for a final fit .*val_size=0"),
+    ],
+)
 def test_bad_values_are_config_errors(override, message):
     with pytest.raises(ConfigError, match=message):
         train_settings(compose_train(override))
@@ -108,8 +126,14 @@ def test_seed_augmentation_has_no_tensor_path():
 def test_mlproject_argv_splits_overrides_and_drops_empty_parameters():
     argv = ["epochs=", "model=resnet9", "overrides=data.train_subset=2000 augment=none 'x.y=a b'"]
     assert mlproject_argv(argv, {"epochs": "train.epochs", "model": "model"}) == [
-        "model=resnet9", "data.train_subset=2000", "augment=none", "x.y=a b"]
-    assert mlproject_argv(["epochs=2", "overrides="], {"epochs": "train.epochs"}) == ["train.epochs=2"]
+        "model=resnet9",
+        "data.train_subset=2000",
+        "augment=none",
+        "x.y=a b",
+    ]
+    assert mlproject_argv(["epochs=2", "overrides="], {"epochs": "train.epochs"}) == [
+        "train.epochs=2"
+    ]
 
 
 def test_flatten_names_params_by_path():
@@ -122,19 +146,31 @@ def test_flatten_names_params_by_path():
 # Every field is checked against its dataclass annotation when the config is typed,
 # before any data is read: one line with the key, the value and what is allowed.
 
+
 def typed(entry: str, *overrides: str):
     """Compose ``entry``'s config and type every section of it as its stage does."""
-    from cifar_resnet.config import (DataSettings, EvalSettings, FinetuneSettings,
-                                     PromoteSettings, RegistrySettings, TuneSettings,
-                                     section_settings)
+    from cifar_resnet.config import (
+        DataSettings,
+        EvalSettings,
+        FinetuneSettings,
+        PromoteSettings,
+        RegistrySettings,
+        TuneSettings,
+        section_settings,
+    )
 
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         config = to_container(compose(config_name=entry, overrides=list(overrides)))
-    own = {"tune": TuneSettings, "finetune": FinetuneSettings, "eval_tta": EvalSettings,
-           "promote": PromoteSettings}
+    own = {
+        "tune": TuneSettings,
+        "finetune": FinetuneSettings,
+        "eval_tta": EvalSettings,
+        "promote": PromoteSettings,
+    }
     section = {"eval_tta": "eval"}.get(entry, entry)
-    typed_section = (section_settings(own[entry], section, config.pop(section))
-                     if entry in own else None)
+    typed_section = (
+        section_settings(own[entry], section, config.pop(section)) if entry in own else None
+    )
     if entry in ("train", "tune", "finetune"):
         return train_settings(config), typed_section
     if entry == "eval_tta":
@@ -142,57 +178,70 @@ def typed(entry: str, *overrides: str):
     return section_settings(RegistrySettings, "registry", config["registry"]), typed_section
 
 
-@pytest.mark.parametrize("entry, override, message", [
-    ("train", "train.epochs=1.5", "train.epochs must be an integer, got 1.5"),
-    ("train", "train.epochs=ten", "train.epochs must be an integer, got 'ten'"),
-    ("train", "train.epochs=null", "train.epochs must be an integer, got null"),
-    ("train", "train.compile=1", "train.compile must be true or false, got 1"),
-    ("train", "train.progress=yes", "train.progress must be true or false, got 'yes'"),
-    ("train", "train.label_smoothing=abc", "train.label_smoothing must be a number, got 'abc'"),
-    ("train", "train.device=1.5", "train.device must be text, got 1.5; quote it"),
-    ("train", "optim.lr=nan", "optim.lr must be a number, got nan"),
-    ("train", "optim.nesterov=0", "optim.nesterov must be true or false, got 0"),
-    ("train", "+optim.betas=[0.9]", "optim.betas must be a list of 2, each a number, got [0.9]"),
-    ("train", "+optim.betas=[0.9,high]", "optim.betas must be a list of 2, each a number"),
-    ("train", "data.val_size=5e3", "data.val_size must be an integer, got 5000.0"),
-    ("train", "data.md5_file=[a,b]", "data.md5_file must be text or null, got ['a', 'b']"),
-    ("train", "model.kwargs=3", "model.kwargs must be a mapping, got 3"),
-    ("train", "model.max_params=5M", "model.max_params must be an integer, got '5M'"),
-    ("train", "augment.params=null", "augment.params must be a mapping, got null"),
-    ("train", "schedule.div_factor=true", "schedule.div_factor must be a number, got true"),
-    ("train", "registry.register=0", "registry.register must be true or false, got 0"),
-    ("train", "seed=1.5", "seed must be an integer, got 1.5"),
-    ("train", "experiment_name=[a]", "experiment_name must be text, got ['a']"),
-    ("train", "schedule.pct_start=1.5", "schedule.pct_start must be in [0, 1], got 1.5"),
-    ("train", "schedule.anneal_strategy=cosine", "schedule.anneal_strategy must be 'cos' or"),
-    ("train", "train.ema_decay=1", "train.ema_decay must be in [0, 1) (0 = off), got 1.0"),
-    ("train", "optim.weight_decay=-1e-4", "optim.weight_decay must be >= 0, got -0.0001"),
-    ("train", "optim.momentum=2", "optim.momentum must be in [0, 1], got 2.0"),
-    ("train", "data.num_workers=-1", "data.num_workers must be >= 0, got -1"),
-    ("tune", "tune.n_trials=1.5", "tune.n_trials must be an integer, got 1.5"),
-    ("tune", "tune.timeout=soon", "tune.timeout must be a number or null, got 'soon'"),
-    ("tune", "tune.heartbeat_interval=0", "tune.heartbeat_interval must be >= 1 second or null"),
-    ("tune", "tune.pruners.median=3", "tune.pruners must be a mapping of mappings"),
-    ("tune", "tune.study_name=1.5", "tune.study_name must be text, got 1.5; quote it"),
-    ("tune", "train.epochs=ten", "train.epochs must be an integer, got 'ten'"),
-    ("finetune", "finetune.from_study=[a]", "finetune.from_study must be text or null"),
-    ("finetune", "optim.lr=fast", "optim.lr must be a number, got 'fast'"),
-    ("eval_tta", "eval.batch_size=abc", "eval.batch_size must be an integer, got 'abc'"),
-    ("eval_tta", "data.download=1", "data.download must be true or false, got 1"),
-    ("promote", "promote.force=1", "promote.force must be true or false, got 1"),
-    ("promote", "promote.version=1.5", "promote.version must be text or null, got 1.5"),
-    ("report", "registry.model_name=[a]", "registry.model_name must be text, got ['a']"),
-])
+@pytest.mark.parametrize(
+    "entry, override, message",
+    [
+        ("train", "train.epochs=1.5", "train.epochs must be an integer, got 1.5"),
+        ("train", "train.epochs=ten", "train.epochs must be an integer, got 'ten'"),
+        ("train", "train.epochs=null", "train.epochs must be an integer, got null"),
+        ("train", "train.compile=1", "train.compile must be true or false, got 1"),
+        ("train", "train.progress=yes", "train.progress must be true or false, got 'yes'"),
+        ("train", "train.label_smoothing=abc", "train.label_smoothing must be a number, got 'abc'"),
+        ("train", "train.device=1.5", "train.device must be text, got 1.5; quote it"),
+        ("train", "optim.lr=nan", "optim.lr must be a number, got nan"),
+        ("train", "optim.nesterov=0", "optim.nesterov must be true or false, got 0"),
+        (
+            "train",
+            "+optim.betas=[0.9]",
+            "optim.betas must be a list of 2, each a number, got [0.9]",
+        ),
+        ("train", "+optim.betas=[0.9,high]", "optim.betas must be a list of 2, each a number"),
+        ("train", "data.val_size=5e3", "data.val_size must be an integer, got 5000.0"),
+        ("train", "data.md5_file=[a,b]", "data.md5_file must be text or null, got ['a', 'b']"),
+        ("train", "model.kwargs=3", "model.kwargs must be a mapping, got 3"),
+        ("train", "model.max_params=5M", "model.max_params must be an integer, got '5M'"),
+        ("train", "augment.params=null", "augment.params must be a mapping, got null"),
+        ("train", "schedule.div_factor=true", "schedule.div_factor must be a number, got true"),
+        ("train", "registry.register=0", "registry.register must be true or false, got 0"),
+        ("train", "seed=1.5", "seed must be an integer, got 1.5"),
+        ("train", "experiment_name=[a]", "experiment_name must be text, got ['a']"),
+        ("train", "schedule.pct_start=1.5", "schedule.pct_start must be in [0, 1], got 1.5"),
+        ("train", "schedule.anneal_strategy=cosine", "schedule.anneal_strategy must be 'cos' or"),
+        ("train", "train.ema_decay=1", "train.ema_decay must be in [0, 1) (0 = off), got 1.0"),
+        ("train", "optim.weight_decay=-1e-4", "optim.weight_decay must be >= 0, got -0.0001"),
+        ("train", "optim.momentum=2", "optim.momentum must be in [0, 1], got 2.0"),
+        ("train", "data.num_workers=-1", "data.num_workers must be >= 0, got -1"),
+        ("tune", "tune.n_trials=1.5", "tune.n_trials must be an integer, got 1.5"),
+        ("tune", "tune.timeout=soon", "tune.timeout must be a number or null, got 'soon'"),
+        (
+            "tune",
+            "tune.heartbeat_interval=0",
+            "tune.heartbeat_interval must be >= 1 second or null",
+        ),
+        ("tune", "tune.pruners.median=3", "tune.pruners must be a mapping of mappings"),
+        ("tune", "tune.study_name=1.5", "tune.study_name must be text, got 1.5; quote it"),
+        ("tune", "train.epochs=ten", "train.epochs must be an integer, got 'ten'"),
+        ("finetune", "finetune.from_study=[a]", "finetune.from_study must be text or null"),
+        ("finetune", "optim.lr=fast", "optim.lr must be a number, got 'fast'"),
+        ("eval_tta", "eval.batch_size=abc", "eval.batch_size must be an integer, got 'abc'"),
+        ("eval_tta", "data.download=1", "data.download must be true or false, got 1"),
+        ("promote", "promote.force=1", "promote.force must be true or false, got 1"),
+        ("promote", "promote.version=1.5", "promote.version must be text or null, got 1.5"),
+        ("report", "registry.model_name=[a]", "registry.model_name must be text, got ['a']"),
+    ],
+)
 def test_a_wrong_type_or_range_is_one_line_naming_key_value_and_what_is_allowed(
-        entry, override, message):
+    entry, override, message
+):
     with pytest.raises(ConfigError) as err:
         typed(entry, override)
     assert message in str(err.value) and "\n" not in str(err.value)
 
 
 def test_values_hydra_types_loosely_are_taken_as_their_fields_want_them():
-    s, _ = typed("train", "optim.lr=1", "+optim.betas=[0,0.99]", "train.compile=true",
-                 "resume=12345")
+    s, _ = typed(
+        "train", "optim.lr=1", "+optim.betas=[0,0.99]", "train.compile=true", "resume=12345"
+    )
     assert s.optim.lr == 1.0 and isinstance(s.optim.lr, float)
     assert s.optim.betas == (0.0, 0.99) and s.train.compile is True and s.resume == "12345"
     _, tune = typed("tune", "tune.study_name=2024", "tune.timeout=60")
@@ -202,22 +251,29 @@ def test_values_hydra_types_loosely_are_taken_as_their_fields_want_them():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage, override, message", [
-    ("train", "train.epochs=1.5", "train.epochs must be an integer, got 1.5"),
-    ("train", "train.epochs=ten", "train.epochs must be an integer, got 'ten'"),
-    ("tune", "tune.n_trials=1.5", "tune.n_trials must be an integer, got 1.5"),
-    ("finetune", "optim.lr=fast", "optim.lr must be a number, got 'fast'"),
-])
-def test_a_wrong_type_stops_the_stage_process_before_any_run(tiny_cifar, tmp_path, stage,
-                                                             override, message):
+@pytest.mark.parametrize(
+    "stage, override, message",
+    [
+        ("train", "train.epochs=1.5", "train.epochs must be an integer, got 1.5"),
+        ("train", "train.epochs=ten", "train.epochs must be an integer, got 'ten'"),
+        ("tune", "tune.n_trials=1.5", "tune.n_trials must be an integer, got 1.5"),
+        ("finetune", "optim.lr=fast", "optim.lr must be a number, got 'fast'"),
+    ],
+)
+def test_a_wrong_type_stops_the_stage_process_before_any_run(
+    tiny_cifar, tmp_path, stage, override, message
+):
     from mlflow.tracking import MlflowClient
-
     from stage_utils import make_experiment, run_module, stage_env, tiny_overrides
 
     env = stage_env(tmp_path)
     make_experiment(tmp_path, "tests")
-    result = run_module(f"cifar_resnet.stages.{stage}",
-                        [*tiny_overrides(tiny_cifar, tmp_path), override], env, timeout=120)
+    result = run_module(
+        f"cifar_resnet.stages.{stage}",
+        [*tiny_overrides(tiny_cifar, tmp_path), override],
+        env,
+        timeout=120,
+    )
     assert result.returncode == 2, result.stderr[-2000:]
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and message in errors[0], result.stderr[-2000:]

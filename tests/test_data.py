@@ -33,11 +33,15 @@ def test_official_md5_list():
 
 def test_read_md5_file(tmp_path):
     path = tmp_path / "MD5SUMS"
-    path.write_text("# checksums\n"
-                    "c99cafc152244af753f735de768cd75f  cifar-10-batches-py/data_batch_1\n"
-                    "40351D587109B95175F43AFF81A1287E *test_batch\n\n")
-    assert data.read_md5_file(path) == {"data_batch_1": data.CIFAR10_MD5["data_batch_1"],
-                                        "test_batch": data.CIFAR10_MD5["test_batch"]}
+    path.write_text(
+        "# checksums\n"
+        "c99cafc152244af753f735de768cd75f  cifar-10-batches-py/data_batch_1\n"
+        "40351D587109B95175F43AFF81A1287E *test_batch\n\n"
+    )
+    assert data.read_md5_file(path) == {
+        "data_batch_1": data.CIFAR10_MD5["data_batch_1"],
+        "test_batch": data.CIFAR10_MD5["test_batch"],
+    }
     path.write_text("not a checksum line\n")
     with pytest.raises(data.DataError, match="MD5SUMS:1"):
         data.read_md5_file(path)
@@ -148,8 +152,14 @@ def test_channel_mean_std_matches_numpy():
 
 
 def test_load_splits_sizes(tiny_cifar):
-    splits = data.load_splits(tiny_cifar.root, val_size=50, train_subset=100, seed=0,
-                              download=False, expected_md5=tiny_cifar.md5)
+    splits = data.load_splits(
+        tiny_cifar.root,
+        val_size=50,
+        train_subset=100,
+        seed=0,
+        download=False,
+        expected_md5=tiny_cifar.md5,
+    )
     assert splits.train_images.shape == (100, 32, 32, 3) and len(splits.train_labels) == 100
     assert splits.val_images.shape == (50, 32, 32, 3)
     assert splits.test_images.shape == (100, 32, 32, 3)
@@ -160,8 +170,9 @@ def test_load_splits_sizes(tiny_cifar):
     # Val is held out of train, and fixed whatever the train subset.
     train_rows = {image.tobytes() for image in splits.train_images}
     assert not any(image.tobytes() in train_rows for image in splits.val_images)
-    full = data.load_splits(tiny_cifar.root, val_size=50, seed=0, download=False,
-                            expected_md5=tiny_cifar.md5)
+    full = data.load_splits(
+        tiny_cifar.root, val_size=50, seed=0, download=False, expected_md5=tiny_cifar.md5
+    )
     assert len(full.train_labels) == 150
     np.testing.assert_array_equal(full.val_images, splits.val_images)
 
@@ -192,8 +203,9 @@ def _collect(loader):
 
 
 def _same(a, b):
-    return len(a) == len(b) and all(torch.equal(x1, x2) and torch.equal(y1, y2)
-                                    for (x1, y1), (x2, y2) in zip(a, b))
+    return len(a) == len(b) and all(
+        torch.equal(x1, x2) and torch.equal(y1, y2) for (x1, y1), (x2, y2) in zip(a, b)
+    )
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])
@@ -204,8 +216,17 @@ def test_make_loader_is_deterministic_in_seed_and_epoch(tiny_cifar, num_workers)
     def loader(seed, epoch):
         # A fresh transform each time: its own random state must not matter.
         transform = build_train_transform("standard")
-        return data.make_loader(images, labels, 16, transform=transform, repeats=2, shuffle=True,
-                                num_workers=num_workers, seed=seed, epoch=epoch)
+        return data.make_loader(
+            images,
+            labels,
+            16,
+            transform=transform,
+            repeats=2,
+            shuffle=True,
+            num_workers=num_workers,
+            seed=seed,
+            epoch=epoch,
+        )
 
     first = loader(seed=0, epoch=0)
     batches = _collect(first)
@@ -218,8 +239,10 @@ def test_make_loader_is_deterministic_in_seed_and_epoch(tiny_cifar, num_workers)
     assert not _same(batches, _collect(loader(seed=1, epoch=0)))
     # Every image twice (repeats=2), and augmented.
     seen = torch.cat([y for _, y in batches])
-    assert torch.equal(torch.bincount(seen, minlength=10), 2 * torch.bincount(
-        torch.as_tensor(labels), minlength=10))
+    assert torch.equal(
+        torch.bincount(seen, minlength=10),
+        2 * torch.bincount(torch.as_tensor(labels), minlength=10),
+    )
     unaugmented = torch.from_numpy(images).permute(0, 3, 1, 2)
     assert not any(torch.equal(x[0], image) for image in unaugmented for x, _ in batches[:2])
 
@@ -247,8 +270,9 @@ def test_tensor_loader_covers_every_sample_once_and_is_deterministic():
     # Images travel with their labels.
     assert torch.equal(torch.cat([x[:, 0, 0, 0] for x, _ in epoch0]), seen.to(torch.uint8))
     assert _same(epoch0, _collect(loader))
-    assert _same(epoch0, _collect(data.TensorLoader(images, np.arange(103), 10, "cpu",
-                                                    shuffle=True, seed=5)))
+    assert _same(
+        epoch0, _collect(data.TensorLoader(images, np.arange(103), 10, "cpu", shuffle=True, seed=5))
+    )
     loader.set_epoch(1)
     assert not _same(epoch0, _collect(loader))
     assert _same(epoch0, _collect(loader.iter_epoch(0)))
@@ -269,8 +293,11 @@ def test_tensor_loader_augments_deterministically():
     augment = BatchAugment(crop_pad=4, flip="alternating", cutout=8, cutout_p=1.0)
 
     def run(seed):
-        return _collect(data.TensorLoader(images, np.arange(40), 16, "cpu", shuffle=True,
-                                          augment=augment, seed=seed))
+        return _collect(
+            data.TensorLoader(
+                images, np.arange(40), 16, "cpu", shuffle=True, augment=augment, seed=seed
+            )
+        )
 
     batches = run(0)
     assert _same(batches, run(0)) and not _same(batches, run(1))

@@ -17,9 +17,12 @@ def parts_with(lookahead: bool, ema: bool) -> engine.TrainingParts:
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     parts = engine.TrainingParts(
-        model, optimizer, scheduler,
+        model,
+        optimizer,
+        scheduler,
         lookahead=Lookahead(model.parameters(), k=5, alpha=0.5) if lookahead else None,
-        ema=ModelEMA(model, 0.9) if ema else None)
+        ema=ModelEMA(model, 0.9) if ema else None,
+    )
     x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
     for _ in range(3):  # fewer than k: the fast weights have left the slow ones
         loss = nn.functional.cross_entropy(model(x), y)
@@ -37,7 +40,9 @@ def test_lookahead_runs_are_evaluated_on_their_slow_weights():
     parts = parts_with(lookahead=True, ema=False)
     evaluated = parts.eval_model()
     assert evaluated is not parts.model  # a copy: training goes on from the fast weights
-    for p, slow, fast in zip(evaluated.parameters(), parts.lookahead.slow, parts.model.parameters()):
+    for p, slow, fast in zip(
+        evaluated.parameters(), parts.lookahead.slow, parts.model.parameters()
+    ):
         torch.testing.assert_close(p, slow)
         assert not torch.equal(p, fast)
     torch.testing.assert_close(evaluated[1].running_mean, parts.model[1].running_mean)
@@ -60,8 +65,9 @@ def test_lookahead_sync_puts_the_slow_weights_into_the_model():
 def test_a_checkpoint_loads_weights_only_and_restores_every_generator(tmp_path):
     parts = parts_with(lookahead=True, ema=True)
     random.seed(1), np.random.seed(2), torch.manual_seed(3)
-    state = engine.TrainState(epoch=2, best_val_acc=0.5, best_epoch=1,
-                              history=[{"train_loss": 1.0}, {"train_loss": 0.5}])
+    state = engine.TrainState(
+        epoch=2, best_val_acc=0.5, best_epoch=1, history=[{"train_loss": 1.0}, {"train_loss": 0.5}]
+    )
     engine.save_checkpoint(tmp_path / "last.pt", parts, state, {"config": "seed: 0\n"})
     expected = (random.random(), np.random.rand(), torch.rand(1))
 

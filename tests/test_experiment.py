@@ -12,10 +12,10 @@ import time
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
+from stage_utils import REPO, make_experiment, run_module, stage_env, tiny_overrides
 
 from cifar_resnet import engine, experiment, hardware, pipeline
 from cifar_resnet.models import ImageClassifier, build_model
-from stage_utils import REPO, make_experiment, run_module, stage_env, tiny_overrides
 
 EPOCHS = 3
 TIMING = ("epoch_seconds", "images_per_second")
@@ -41,15 +41,28 @@ def store(tmp_path_factory, tiny_cifar):
     env = stage_env(tmp)
     make_experiment(tmp, "tests")
     repeats, epoch_seconds = epoch_sized_for(3.0, batch_size=64, train_images=150)
-    args = tiny_overrides(tiny_cifar, tmp, **{
-        "train.epochs": EPOCHS, "data.repeats": repeats, "train.batch_size": 64,
-        "train.deterministic": "true", "registry.register": "false",
-        # recipe=fast (the default here) at a rate its 64-image batches do not blow up at.
-        "optim.lr": 0.05})
+    args = tiny_overrides(
+        tiny_cifar,
+        tmp,
+        **{
+            "train.epochs": EPOCHS,
+            "data.repeats": repeats,
+            "train.batch_size": 64,
+            "train.deterministic": "true",
+            "registry.register": "false",
+            # recipe=fast (the default here) at a rate its 64-image batches do not blow up at.
+            "optim.lr": 0.05,
+        },
+    )
     baseline = run_module(TRAIN, args, env)
     assert baseline.returncode == 0, baseline.stdout[-3000:] + baseline.stderr[-3000:]
-    return {"tmp": tmp, "env": env, "args": args, "epoch_seconds": epoch_seconds,
-            "baseline": run_id_of(baseline.stdout)}
+    return {
+        "tmp": tmp,
+        "env": env,
+        "args": args,
+        "epoch_seconds": epoch_seconds,
+        "baseline": run_id_of(baseline.stdout),
+    }
 
 
 def run_id_of(stdout: str) -> str:
@@ -66,7 +79,10 @@ def without_timing(history: list[dict]) -> list[dict]:
 
 def assert_same_run(a: dict, b: dict) -> None:
     """Per-epoch metrics (lr included) and every final tensor equal, to float tolerance."""
-    history_a, history_b = without_timing(a["state"]["history"]), without_timing(b["state"]["history"])
+    history_a, history_b = (
+        without_timing(a["state"]["history"]),
+        without_timing(b["state"]["history"]),
+    )
     assert len(history_a) == len(history_b) == EPOCHS
     for epoch_a, epoch_b in zip(history_a, history_b):
         assert epoch_a.keys() == epoch_b.keys()
@@ -80,21 +96,34 @@ def assert_same_run(a: dict, b: dict) -> None:
 def test_the_same_seed_gives_the_same_run_and_another_seed_another(store):
     again = run_module(TRAIN, store["args"], store["env"])
     other = run_module(TRAIN, [*store["args"], "seed=1"], store["env"])
-    assert again.returncode == 0 and other.returncode == 0, again.stderr[-2000:] + other.stderr[-2000:]
+    assert again.returncode == 0 and other.returncode == 0, (
+        again.stderr[-2000:] + other.stderr[-2000:]
+    )
     baseline = last_checkpoint(store, store["baseline"])
     assert_same_run(last_checkpoint(store, run_id_of(again.stdout)), baseline)
     different = last_checkpoint(store, run_id_of(other.stdout))
-    assert different["state"]["history"][0]["train_loss"] != baseline["state"]["history"][0]["train_loss"]
-    assert not torch.equal(different["parts"]["model"]["net.head.3.weight"],
-                           baseline["parts"]["model"]["net.head.3.weight"])
+    assert (
+        different["state"]["history"][0]["train_loss"]
+        != baseline["state"]["history"][0]["train_loss"]
+    )
+    assert not torch.equal(
+        different["parts"]["model"]["net.head.3.weight"],
+        baseline["parts"]["model"]["net.head.3.weight"],
+    )
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
 def test_an_interrupted_run_resumed_equals_the_uninterrupted_one(store, stop):
-    process = subprocess.Popen([sys.executable, "-m", TRAIN, *store["args"]], cwd=REPO,
-                               env=store["env"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True, start_new_session=True)
+    process = subprocess.Popen(
+        [sys.executable, "-m", TRAIN, *store["args"]],
+        cwd=REPO,
+        env=store["env"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     run_id = None
     deadline = time.monotonic() + 120 + 10 * store["epoch_seconds"]  # start-up, then an epoch
     for line in process.stdout:  # the run id comes first, the first epoch's line later
@@ -117,9 +146,11 @@ def test_an_interrupted_run_resumed_equals_the_uninterrupted_one(store, stop):
     else:  # nobody could close the run
         assert client.get_run(run_id).info.status == "RUNNING"
 
-    resumed = run_module(TRAIN, [f"resume={run_id}",
-                                 f"train.checkpoint_dir={store['tmp'] / 'checkpoints'}"],
-                         store["env"])
+    resumed = run_module(
+        TRAIN,
+        [f"resume={run_id}", f"train.checkpoint_dir={store['tmp'] / 'checkpoints'}"],
+        store["env"],
+    )
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert f"resumed after epoch {killed_at}" in resumed.stdout
     assert client.get_run(run_id).info.status == "FINISHED"
@@ -130,8 +161,9 @@ def test_an_interrupted_run_resumed_equals_the_uninterrupted_one(store, stop):
         theirs = client.get_metric_history(store["baseline"], key)
         assert sorted(m.step for m in ours) == list(range(1, EPOCHS + 1)), key
         values = [m.value for m in sorted(ours, key=lambda m: m.step)]
-        assert values == pytest.approx([m.value for m in sorted(theirs, key=lambda m: m.step)],
-                                       rel=1e-6), key
+        assert values == pytest.approx(
+            [m.value for m in sorted(theirs, key=lambda m: m.step)], rel=1e-6
+        ), key
 
 
 def one_error_line(result) -> str:
@@ -146,8 +178,9 @@ def test_resume_refuses_a_finished_run_and_overrides(store):
     checkpoints = f"train.checkpoint_dir={store['tmp'] / 'checkpoints'}"
     finished = run_module(TRAIN, [f"resume={store['baseline']}", checkpoints], store["env"])
     assert "finished" in one_error_line(finished)
-    with_overrides = run_module(TRAIN, [f"resume={store['baseline']}", checkpoints,
-                                        "train.epochs=9"], store["env"])
+    with_overrides = run_module(
+        TRAIN, [f"resume={store['baseline']}", checkpoints, "train.epochs=9"], store["env"]
+    )
     assert "train.epochs=9" in one_error_line(with_overrides)
 
 

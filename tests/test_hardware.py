@@ -8,8 +8,10 @@ from cifar_resnet import hardware
 CPU, CUDA, MPS = torch.device("cpu"), torch.device("cuda"), torch.device("mps")
 
 
-@pytest.mark.parametrize("cuda, mps, expected", [
-    (True, True, "cuda"), (True, False, "cuda"), (False, True, "mps"), (False, False, "cpu")])
+@pytest.mark.parametrize(
+    "cuda, mps, expected",
+    [(True, True, "cuda"), (True, False, "cuda"), (False, True, "mps"), (False, False, "cpu")],
+)
 def test_auto_device_prefers_cuda_then_mps_then_cpu(cuda, mps, expected):
     assert hardware.resolve_device("auto", cuda=cuda, mps=mps).type == expected
 
@@ -20,12 +22,15 @@ def test_a_named_device_is_taken_as_given_and_a_bad_one_is_refused():
         hardware.resolve_device("gpu")
 
 
-@pytest.mark.parametrize("device, native, expected", [
-    (CPU, True, "bf16"),    # AVX-512 BF16 or AMX
-    (CPU, False, "fp32"),   # AVX2 only: bf16 would be emulated, ~16x slower
-    (CUDA, True, "bf16"),   # Ampere or newer
-    (CUDA, False, "fp16"),  # T4, V100: fp16 with a GradScaler
-])
+@pytest.mark.parametrize(
+    "device, native, expected",
+    [
+        (CPU, True, "bf16"),  # AVX-512 BF16 or AMX
+        (CPU, False, "fp32"),  # AVX2 only: bf16 would be emulated, ~16x slower
+        (CUDA, True, "bf16"),  # Ampere or newer
+        (CUDA, False, "fp16"),  # T4, V100: fp16 with a GradScaler
+    ],
+)
 def test_auto_precision_is_bf16_only_where_native(device, native, expected):
     assert hardware.resolve_precision("auto", device, native_bf16=native) == expected
 
@@ -43,6 +48,7 @@ def test_where_torch_cannot_tell_the_faster_measured_precision_wins():
         def rate(dtype):
             calls.append(dtype)
             return {None: 100.0, torch.bfloat16: 150.0 if bf16_faster else 50.0}[dtype]
+
         return rate
 
     assert hardware.resolve_precision("auto", MPS, measure=measure(True)) == "bf16"
@@ -58,15 +64,18 @@ def test_an_unknown_precision_is_refused():
         hardware.autocast_dtype("auto")
 
 
-@pytest.mark.parametrize("flags, environ, expected", [
-    ((False, False), {}, False),
-    ((True, False), {}, True),
-    ((False, True), {}, True),
-    ((True, True), {"ATEN_CPU_CAPABILITY": "avx2"}, False),
-    ((True, True), {"ONEDNN_MAX_CPU_ISA": "AVX2"}, False),
-    ((True, False), {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE"}, False),
-    ((True, False), {"ONEDNN_MAX_CPU_ISA": "avx512_core_bf16"}, True),
-])
+@pytest.mark.parametrize(
+    "flags, environ, expected",
+    [
+        ((False, False), {}, False),
+        ((True, False), {}, True),
+        ((False, True), {}, True),
+        ((True, True), {"ATEN_CPU_CAPABILITY": "avx2"}, False),
+        ((True, True), {"ONEDNN_MAX_CPU_ISA": "AVX2"}, False),
+        ((True, False), {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE"}, False),
+        ((True, False), {"ONEDNN_MAX_CPU_ISA": "avx512_core_bf16"}, True),
+    ],
+)
 def test_cpu_bf16_is_native_reads_the_flags_and_the_caps(monkeypatch, flags, environ, expected):
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: flags[0], raising=False)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: flags[1], raising=False)
@@ -78,8 +87,9 @@ def test_an_old_torch_without_the_flag_functions_cannot_tell(monkeypatch):
     assert hardware.cpu_bf16_is_native({}) is None
 
 
-@pytest.mark.parametrize("capability, expected", [((7, 0), "fp16"), ((7, 5), "fp16"),
-                                                  ((8, 0), "bf16"), ((9, 0), "bf16")])
+@pytest.mark.parametrize(
+    "capability, expected", [((7, 0), "fp16"), ((7, 5), "fp16"), ((8, 0), "bf16"), ((9, 0), "bf16")]
+)
 def test_cuda_auto_precision_follows_the_compute_capability(monkeypatch, capability, expected):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     assert hardware.resolve_precision("auto", CUDA) == expected
@@ -88,7 +98,10 @@ def test_cuda_auto_precision_follows_the_compute_capability(monkeypatch, capabil
 def test_the_grad_scaler_is_for_fp16_only():
     assert [hardware.needs_grad_scaler(p) for p in ("fp32", "bf16", "fp16")] == [False, False, True]
     assert [hardware.autocast_dtype(p) for p in ("fp32", "bf16", "fp16")] == [
-        None, torch.bfloat16, torch.float16]
+        None,
+        torch.bfloat16,
+        torch.float16,
+    ]
 
 
 def test_threads_follow_omp_num_threads_else_the_affinity_mask():

@@ -19,12 +19,18 @@ import pytest
 import yaml
 from hydra import compose, initialize_config_dir
 from mlflow.tracking import MlflowClient
+from stage_utils import BIN, REPO, make_experiment, stage_env, tiny_overrides
 
 import cifar_resnet
-from cifar_resnet.config import (ConfigError, TuneSettings, flatten, key_type, section_settings,
-                                 to_container)
+from cifar_resnet.config import (
+    ConfigError,
+    TuneSettings,
+    flatten,
+    key_type,
+    section_settings,
+    to_container,
+)
 from cifar_resnet.stages import CONF_DIR, ParameterError, launch, mlproject_argv
-from stage_utils import BIN, REPO, make_experiment, stage_env, tiny_overrides
 
 ENTRY_POINTS = yaml.safe_load((REPO / "MLproject").read_text())["entry_points"]
 PACKAGE = Path(cifar_resnet.__file__).resolve().parent
@@ -34,9 +40,31 @@ EVERY_CHARACTER = "a = , ' \" [ ] { } ( ) & # ! ^ ; ${registry.model_name} \\ $H
 TEXT_VALUES = [
     "sqlite:///optuna.db?timeout=30",
     "postgresql://optuna:se=cret@db.example.com:5432/optuna?sslmode=require&connect_timeout=5",
-    EVERY_CHARACTER, "${oc.env:HOME}", "\\${x}", "\\\\${x}", "${", "a\\", "\\'", "it's",
-    "'quoted'", '"double"', "a,b", "[1, 2]", "{a: 1}", "key=value", "~x", "+x", "null", "true",
-    "2024", "1.10", "1e3", "007", " spaces around ", "tab\tand\nnewline\n", "%d {0} {x}",
+    EVERY_CHARACTER,
+    "${oc.env:HOME}",
+    "\\${x}",
+    "\\\\${x}",
+    "${",
+    "a\\",
+    "\\'",
+    "it's",
+    "'quoted'",
+    '"double"',
+    "a,b",
+    "[1, 2]",
+    "{a: 1}",
+    "key=value",
+    "~x",
+    "+x",
+    "null",
+    "true",
+    "2024",
+    "1.10",
+    "1e3",
+    "007",
+    " spaces around ",
+    "tab\tand\nnewline\n",
+    "%d {0} {x}",
 ]
 
 
@@ -50,15 +78,17 @@ def argv_as_mlflow_run_builds_it(entry: str, params: dict[str, str]) -> list[str
     values = {name: "" for name in ENTRY_POINTS[entry]["parameters"]}
     values.update(params)
     command = ENTRY_POINTS[entry]["command"].format(
-        **{k: shlex.quote(str(v)) for k, v in values.items()})
+        **{k: shlex.quote(str(v)) for k, v in values.items()}
+    )
     words = shlex.split(command)
     assert words[:3] == ["python", "-m", f"cifar_resnet.stages.{entry}"]
     return words[3:]
 
 
 def composed(entry: str, params: dict[str, str]) -> dict:
-    overrides = mlproject_argv(argv_as_mlflow_run_builds_it(entry, params),
-                               stage_module(entry).PARAMETERS)
+    overrides = mlproject_argv(
+        argv_as_mlflow_run_builds_it(entry, params), stage_module(entry).PARAMETERS
+    )
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         return to_container(compose(config_name=entry, overrides=overrides))
 
@@ -95,7 +125,8 @@ def test_a_text_parameter_survives_the_recompose_of_recipe_auto():
     overrides = mlproject_argv(argv, stage_module("tune").PARAMETERS)
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         HydraConfig.instance().set_config(
-            compose(config_name="tune", overrides=overrides, return_hydra_config=True))
+            compose(config_name="tune", overrides=overrides, return_hydra_config=True)
+        )
         try:
             recomposed = hydra_recomposer("tune")("fast")
         finally:
@@ -103,16 +134,25 @@ def test_a_text_parameter_survives_the_recompose_of_recipe_auto():
     assert to_container(recomposed)["tune"]["study_name"] == EVERY_CHARACTER
 
 
-TEXT_PARAMETERS = [(entry, name) for entry in sorted(ENTRY_POINTS)
-                   for name, key in stage_module(entry).PARAMETERS.items()
-                   if "." in key and key_type(key) is str]
+TEXT_PARAMETERS = [
+    (entry, name)
+    for entry in sorted(ENTRY_POINTS)
+    for name, key in stage_module(entry).PARAMETERS.items()
+    if "." in key and key_type(key) is str
+]
 
 
 def test_text_parameters_are_the_free_text_ones():
     assert set(TEXT_PARAMETERS) == {
-        ("tune", "study_name"), ("tune", "storage"), ("finetune", "model_uri"),
-        ("finetune", "from_study"), ("eval_tta", "model_uri"), ("promote", "metric"),
-        ("promote", "version"), ("report", "model_name")}
+        ("tune", "study_name"),
+        ("tune", "storage"),
+        ("finetune", "model_uri"),
+        ("finetune", "from_study"),
+        ("eval_tta", "model_uri"),
+        ("promote", "metric"),
+        ("promote", "version"),
+        ("report", "model_name"),
+    }
 
 
 @pytest.mark.parametrize("entry, name", TEXT_PARAMETERS)
@@ -123,34 +163,43 @@ def test_every_text_parameter_of_every_entry_point_is_verbatim(entry, name):
 
 def test_checked_parameters_reach_the_config_typed():
     config = composed("finetune", {"epochs": " 3 ", "lr": "1e-3", "weight_decay": "5"})
-    assert (config["train"]["epochs"], config["optim"]["lr"], config["optim"]["weight_decay"]) \
-        == (3, 0.001, 5.0)
+    assert (config["train"]["epochs"], config["optim"]["lr"], config["optim"]["weight_decay"]) == (
+        3,
+        0.001,
+        5.0,
+    )
     assert composed("promote", {"force": "True"})["promote"]["force"] is True
     assert composed("eval_tta", {"views": "flip_shift"})["tta"]["name"] == "flip_shift"
     assert composed("train", {"model": "resnet9"})["model"]["name"] == "resnet9"
 
 
 def test_empty_parameters_keep_the_configs_values():
-    assert composed("tune", {"study_name": "", "n_trials": " "})["tune"] == \
-        composed("tune", {})["tune"]
+    assert (
+        composed("tune", {"study_name": "", "n_trials": " "})["tune"]
+        == composed("tune", {})["tune"]
+    )
 
 
-@pytest.mark.parametrize("entry, name, value, message", [
-    ("train", "epochs", "1.5", "-P epochs='1.5' must be an integer (it sets train.epochs)"),
-    ("train", "epochs", "ten", "-P epochs='ten' must be an integer"),
-    ("train", "model", "resnet1000", "-P model='resnet1000' must be one of resnet18_slim,"),
-    ("train", "model", "model=resnet9", "must be one of"),
-    ("tune", "n_trials", "2e3", "-P n_trials='2e3' must be an integer (it sets tune.n_trials)"),
-    ("finetune", "lr", "fast", "-P lr='fast' must be a number (it sets optim.lr)"),
-    ("finetune", "weight_decay", "nan", "-P weight_decay='nan' must be a number"),
-    ("eval_tta", "views", "flip,seed", "-P views='flip,seed' must be one of flip, flip_shift"),
-    ("promote", "force", "1", "-P force='1' must be true or false (it sets promote.force)"),
-    ("promote", "force", "yes", "must be true or false"),
-])
+@pytest.mark.parametrize(
+    "entry, name, value, message",
+    [
+        ("train", "epochs", "1.5", "-P epochs='1.5' must be an integer (it sets train.epochs)"),
+        ("train", "epochs", "ten", "-P epochs='ten' must be an integer"),
+        ("train", "model", "resnet1000", "-P model='resnet1000' must be one of resnet18_slim,"),
+        ("train", "model", "model=resnet9", "must be one of"),
+        ("tune", "n_trials", "2e3", "-P n_trials='2e3' must be an integer (it sets tune.n_trials)"),
+        ("finetune", "lr", "fast", "-P lr='fast' must be a number (it sets optim.lr)"),
+        ("finetune", "weight_decay", "nan", "-P weight_decay='nan' must be a number"),
+        ("eval_tta", "views", "flip,seed", "-P views='flip,seed' must be one of flip, flip_shift"),
+        ("promote", "force", "1", "-P force='1' must be true or false (it sets promote.force)"),
+        ("promote", "force", "yes", "must be true or false"),
+    ],
+)
 def test_a_bad_choice_or_number_names_its_parameter(entry, name, value, message):
     with pytest.raises(ParameterError) as err:
-        mlproject_argv(argv_as_mlflow_run_builds_it(entry, {name: value}),
-                       stage_module(entry).PARAMETERS)
+        mlproject_argv(
+            argv_as_mlflow_run_builds_it(entry, {name: value}), stage_module(entry).PARAMETERS
+        )
     assert message in str(err.value) and "\n" not in str(err.value)
 
 
@@ -158,13 +207,15 @@ def test_launch_reports_a_bad_parameter_in_one_line_and_exit_code_2(monkeypatch,
     def main():
         raise AssertionError("the stage must not start")
 
-    monkeypatch.setattr(sys, "argv", ["train.py", *argv_as_mlflow_run_builds_it(
-        "train", {"epochs": "ten\nmore"})])
+    monkeypatch.setattr(
+        sys, "argv", ["train.py", *argv_as_mlflow_run_builds_it("train", {"epochs": "ten\nmore"})]
+    )
     with pytest.raises(SystemExit) as exit_:
         launch(main, stage_module("train").PARAMETERS)
     assert exit_.value.code == 2
     assert capsys.readouterr().err.splitlines() == [
-        "error: -P epochs='ten\\nmore' must be an integer (it sets train.epochs)"]
+        "error: -P epochs='ten\\nmore' must be an integer (it sets train.epochs)"
+    ]
 
 
 def test_overrides_stay_hydra_syntax_split_like_a_shell_line():
@@ -265,8 +316,10 @@ class ParamKeys:
                 return
             function = node
         if isinstance(node, ast.With) and any(
-                isinstance(item.context_expr, ast.Call)
-                and _called_name(item.context_expr) == "nested_run" for item in node.items):
+            isinstance(item.context_expr, ast.Call)
+            and _called_name(item.context_expr) == "nested_run"
+            for item in node.items
+        ):
             nested = True  # a trial's own run, not the one `mlflow run` made
         if isinstance(node, ast.Call) and _called_name(node) in LOGGING_CALLS and not nested:
             yield function, node
@@ -275,17 +328,25 @@ class ParamKeys:
 
     def keys(self, node, function) -> set[str]:
         if isinstance(node, ast.Dict):
-            return set().union(*(self.keys(v, function) if k is None else {_key(k)}
-                                 for k, v in zip(node.keys, node.values)))
+            return set().union(
+                *(
+                    self.keys(v, function) if k is None else {_key(k)}
+                    for k, v in zip(node.keys, node.values)
+                )
+            )
         if isinstance(node, ast.DictComp):
             return {_key(node.key)}
         if isinstance(node, ast.IfExp):
             return self.keys(node.body, function) | self.keys(node.orelse, function)
         if isinstance(node, ast.Call) and _called_name(node) in self.functions:
-            return set().union(*(self.keys(ret.value, definition)
-                                 for definition in self.functions[_called_name(node)]
-                                 for ret in ast.walk(definition)
-                                 if isinstance(ret, ast.Return) and ret.value is not None))
+            return set().union(
+                *(
+                    self.keys(ret.value, definition)
+                    for definition in self.functions[_called_name(node)]
+                    for ret in ast.walk(definition)
+                    if isinstance(ret, ast.Return) and ret.value is not None
+                )
+            )
         if isinstance(node, ast.Name) and function is not None:
             return self._variable_keys(node.id, function)
         return {ANY}
@@ -297,12 +358,19 @@ class ParamKeys:
                 for target in node.targets:
                     if isinstance(target, ast.Name) and target.id == name:
                         keys |= self.keys(node.value, function)
-                    elif isinstance(target, ast.Subscript) and \
-                            isinstance(target.value, ast.Name) and target.value.id == name:
+                    elif (
+                        isinstance(target, ast.Subscript)
+                        and isinstance(target.value, ast.Name)
+                        and target.value.id == name
+                    ):
                         keys.add(_key(target.slice))
-            elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and \
-                    node.func.attr == "update" and isinstance(node.func.value, ast.Name) and \
-                    node.func.value.id == name:
+            elif (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and node.func.attr == "update"
+                and isinstance(node.func.value, ast.Name)
+                and node.func.value.id == name
+            ):
                 keys |= self.keys(node.args[0], function)
         return keys or {ANY}
 
@@ -328,12 +396,16 @@ def _key(node) -> str:
 
 
 def collisions(keys: set[str], parameters: set[str]) -> set[str]:
-    return {key for key in keys for name in parameters
-            if key == name or (key.endswith(ANY) and name.startswith(key[:-1]))}
+    return {
+        key
+        for key in keys
+        for name in parameters
+        if key == name or (key.endswith(ANY) and name.startswith(key[:-1]))
+    }
 
 
 def test_the_param_key_reader_sees_through_helpers_and_variables():
-    source = '''
+    source = """
 def helper():
     return {"epochs": 1, **{f"data_md5.{n}": 0 for n in names}}
 
@@ -343,7 +415,7 @@ def stage():
     tracking.log_config(config, {**params, "former_" + alias: 3, "device": 4})
     with tracking.nested_run("trial"):
         tracking.log_params({"model": 5})
-'''
+"""
     keys, config_logged = ParamKeys([ast.parse(source)]).logged()
     assert config_logged
     assert keys == {"epochs", "data_md5.*", "views", "former_*", "device"}
@@ -377,29 +449,49 @@ def store(tiny_cifar, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("mlproject")
     env = stage_env(tmp)
     make_experiment(tmp, "tests")
-    data = tiny_overrides(tiny_cifar, tmp, **{"registry.model_name": MODEL,
-                                              "data.loader": "tensor"})
-    return SimpleNamespace(tmp=tmp, env=env, client=MlflowClient(f"sqlite:///{tmp}/mlflow.db"),
-                           tiny=tiny_cifar, data=[o for o in data if not o.startswith("model=")],
-                           storage=f"sqlite:///{tmp}/optuna.db?timeout=30")
+    data = tiny_overrides(
+        tiny_cifar, tmp, **{"registry.model_name": MODEL, "data.loader": "tensor"}
+    )
+    return SimpleNamespace(
+        tmp=tmp,
+        env=env,
+        client=MlflowClient(f"sqlite:///{tmp}/mlflow.db"),
+        tiny=tiny_cifar,
+        data=[o for o in data if not o.startswith("model=")],
+        storage=f"sqlite:///{tmp}/optuna.db?timeout=30",
+    )
 
 
-def mlflow_run(store, entry: str, params: dict, env: dict | None = None,
-               check: bool = True) -> SimpleNamespace:
+def mlflow_run(
+    store, entry: str, params: dict, env: dict | None = None, check: bool = True
+) -> SimpleNamespace:
     """`mlflow run . -e <entry>` with every MLproject parameter of ``entry`` in ``params``."""
     assert check is False or set(params) == set(ENTRY_POINTS[entry]["parameters"])
     experiment = store.client.get_experiment_by_name("tests").experiment_id
     before = {r.info.run_id for r in store.client.search_runs([experiment])}
-    args = [str(BIN / "mlflow"), "run", ".", "-e", entry, "--env-manager", "local",
-            "--experiment-name", "tests"]
+    args = [
+        str(BIN / "mlflow"),
+        "run",
+        ".",
+        "-e",
+        entry,
+        "--env-manager",
+        "local",
+        "--experiment-name",
+        "tests",
+    ]
     for key, value in params.items():
         args += ["-P", f"{key}={value}"]
-    result = subprocess.run(args, cwd=REPO, env=env or store.env, capture_output=True,
-                            text=True, timeout=600)
+    result = subprocess.run(
+        args, cwd=REPO, env=env or store.env, capture_output=True, text=True, timeout=600
+    )
     if check:
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    runs = [store.client.get_run(r.info.run_id) for r in store.client.search_runs([experiment])
-            if r.info.run_id not in before and "mlflow.parentRunId" not in r.data.tags]
+    runs = [
+        store.client.get_run(r.info.run_id)
+        for r in store.client.search_runs([experiment])
+        if r.info.run_id not in before and "mlflow.parentRunId" not in r.data.tags
+    ]
     return SimpleNamespace(result=result, runs=runs)
 
 
@@ -411,15 +503,24 @@ def the_run(ran: SimpleNamespace):
 
 @pytest.fixture(scope="module")
 def trained(store):
-    return mlflow_run(store, "train", {"epochs": 1, "model": "resnet_small",
-                                       "overrides": " ".join(store.data)})
+    return mlflow_run(
+        store, "train", {"epochs": 1, "model": "resnet_small", "overrides": " ".join(store.data)}
+    )
 
 
 @pytest.fixture(scope="module")
 def tuned(store):
-    return mlflow_run(store, "tune", {
-        "n_trials": 1, "epochs": 1, "study_name": STUDY, "storage": store.storage,
-        "overrides": " ".join([*store.data, "model=resnet_small"])})
+    return mlflow_run(
+        store,
+        "tune",
+        {
+            "n_trials": 1,
+            "epochs": 1,
+            "study_name": STUDY,
+            "storage": store.storage,
+            "overrides": " ".join([*store.data, "model=resnet_small"]),
+        },
+    )
 
 
 @pytest.mark.slow
@@ -429,8 +530,9 @@ def test_mlflow_run_train_with_every_parameter(store, trained):
     assert (params["epochs"], params["model"]) == ("1", "resnet_small")  # logged by mlflow run
     assert (params["train.epochs"], params["model.name"]) == ("1", "resnet_small")
     assert params["registry.model_name"] == MODEL
-    [version] = store.client.search_model_versions(f"name = '{MODEL}' and run_id = "
-                                                   f"'{run.info.run_id}'")
+    [version] = store.client.search_model_versions(
+        f"name = '{MODEL}' and run_id = '{run.info.run_id}'"
+    )
     assert str(version.version) == "1"
 
 
@@ -447,13 +549,21 @@ def test_mlflow_run_tune_with_every_parameter(store, tuned):
 
 @pytest.mark.slow
 def test_mlflow_run_finetune_with_every_parameter(store, trained, tuned):
-    ran = mlflow_run(store, "finetune", {
-        "model_uri": f"models:/{MODEL}/1", "epochs": 1, "from_study": STUDY, "lr": 0.005,
-        "weight_decay": 2e-5, "overrides": " ".join(store.data)},
-        env={**store.env, "OPTUNA_STORAGE": store.storage})
+    ran = mlflow_run(
+        store,
+        "finetune",
+        {
+            "model_uri": f"models:/{MODEL}/1",
+            "epochs": 1,
+            "from_study": STUDY,
+            "lr": 0.005,
+            "weight_decay": 2e-5,
+            "overrides": " ".join(store.data),
+        },
+        env={**store.env, "OPTUNA_STORAGE": store.storage},
+    )
     run = the_run(ran)
-    [new] = store.client.search_model_versions(f"name = '{MODEL}' and run_id = "
-                                               f"'{run.info.run_id}'")
+    [new] = store.client.search_model_versions(f"name = '{MODEL}' and run_id = '{run.info.run_id}'")
     assert new.tags["source_model_version"] == "1" and new.tags["finetune.from_study"] == STUDY
     # from_study wins over lr and weight_decay: the study's best values are trained.
     best = optuna.load_study(study_name=STUDY, storage=store.storage).best_params
@@ -466,10 +576,19 @@ def test_mlflow_run_finetune_with_every_parameter(store, trained, tuned):
 @pytest.mark.slow
 def test_mlflow_run_eval_tta_with_every_parameter(store, trained):
     # The README's own command, which used to fail on the param `views`.
-    run = the_run(mlflow_run(store, "eval_tta", {
-        "model_uri": f"models:/{MODEL}/1", "views": "flip",
-        "overrides": " ".join(o for o in store.data if o.startswith(("data.", "registry.",
-                                                                     "experiment_name")))}))
+    run = the_run(
+        mlflow_run(
+            store,
+            "eval_tta",
+            {
+                "model_uri": f"models:/{MODEL}/1",
+                "views": "flip",
+                "overrides": " ".join(
+                    o for o in store.data if o.startswith(("data.", "registry.", "experiment_name"))
+                ),
+            },
+        )
+    )
     params = run.data.params
     assert (params["views"], params["tta.name"]) == ("flip", "flip")
     assert params["tta.views"] == "identity,hflip"
@@ -478,9 +597,19 @@ def test_mlflow_run_eval_tta_with_every_parameter(store, trained):
 
 @pytest.mark.slow
 def test_mlflow_run_promote_with_every_parameter(store, trained):
-    run = the_run(mlflow_run(store, "promote", {
-        "metric": "test_acc", "version": 1, "force": "true", "allow_test_selection": "true",
-        "overrides": f"registry.model_name={MODEL} experiment_name=tests"}))
+    run = the_run(
+        mlflow_run(
+            store,
+            "promote",
+            {
+                "metric": "test_acc",
+                "version": 1,
+                "force": "true",
+                "allow_test_selection": "true",
+                "overrides": f"registry.model_name={MODEL} experiment_name=tests",
+            },
+        )
+    )
     params = run.data.params
     assert (params["promote.metric"], params["promote.version"]) == ("test_acc", "1")
     assert (params["promote.force"], params["promote.allow_test_selection"]) == ("True", "True")
@@ -489,16 +618,19 @@ def test_mlflow_run_promote_with_every_parameter(store, trained):
 
 @pytest.mark.slow
 def test_mlflow_run_report_with_every_parameter(store, trained):
-    ran = mlflow_run(store, "report", {"model_name": MODEL,
-                                       "overrides": "experiment_name=tests"})
+    ran = mlflow_run(store, "report", {"model_name": MODEL, "overrides": "experiment_name=tests"})
     the_run(ran)
     assert f"## {MODEL}" in ran.result.stdout
 
 
 @pytest.mark.slow
 def test_mlflow_run_with_a_bad_parameter_is_one_clear_line(store):
-    ran = mlflow_run(store, "train", {"epochs": "ten", "model": "resnet_small",
-                                      "overrides": " ".join(store.data)}, check=False)
+    ran = mlflow_run(
+        store,
+        "train",
+        {"epochs": "ten", "model": "resnet_small", "overrides": " ".join(store.data)},
+        check=False,
+    )
     assert ran.result.returncode != 0
     errors = [line for line in ran.result.stderr.splitlines() if line.startswith("error:")]
     assert errors == ["error: -P epochs='ten' must be an integer (it sets train.epochs)"]

@@ -117,7 +117,9 @@ def test_zero_init_residual_zeroes_the_last_bn_of_every_block():
 
     default_blocks = [m for m in build_model("seed_resnet").modules() if isinstance(m, BasicBlock)]
     zeroed_blocks = [
-        m for m in build_model("seed_resnet", zero_init_residual=True).modules() if isinstance(m, BasicBlock)
+        m
+        for m in build_model("seed_resnet", zero_init_residual=True).modules()
+        if isinstance(m, BasicBlock)
     ]
     assert len(zeroed_blocks) == 21
     assert all((block.bn2.weight == 1).all() for block in default_blocks)
@@ -239,8 +241,9 @@ def test_whitened_resnet_trains_only_bn_shifts_and_has_the_documented_size():
     assert count_parameters(net) == 1_971_352
     assert count_flops(net) == 236_294_720
     batch_norms = [m for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
-    assert batch_norms and all(not bn.weight.requires_grad and bn.bias.requires_grad
-                               for bn in batch_norms)
+    assert batch_norms and all(
+        not bn.weight.requires_grad and bn.bias.requires_grad for bn in batch_norms
+    )
     assert not net.stem.weight.requires_grad
 
 

@@ -3,8 +3,15 @@ import math
 import pytest
 import torch
 
-from cifar_resnet.optim import (Lookahead, ModelEMA, Muon, build_optimizer, build_scheduler,
-                                orthogonalise, param_groups)
+from cifar_resnet.optim import (
+    Lookahead,
+    ModelEMA,
+    Muon,
+    build_optimizer,
+    build_scheduler,
+    orthogonalise,
+    param_groups,
+)
 
 
 def test_lookahead_matches_hand_computation():
@@ -14,7 +21,7 @@ def test_lookahead_matches_hand_computation():
     lookahead = Lookahead([w], k=2, alpha=0.5)
     for _ in range(4):
         sgd.zero_grad()
-        (w ** 2 / 2).sum().backward()
+        (w**2 / 2).sum().backward()
         sgd.step()
         lookahead.step()
     # fast: 1 -> 0.9 -> 0.81; sync: slow = 1 + 0.5 * (0.81 - 1) = 0.905
@@ -48,8 +55,9 @@ def test_ema_matches_hand_computation():
 def test_onecycle_values():
     w = torch.nn.Parameter(torch.zeros(1))
     opt = build_optimizer([w], "sgd", lr=0.1, weight_decay=0.0)
-    sched = build_scheduler(opt, "onecycle", total_steps=100, pct_start=0.25,
-                            div_factor=25.0, final_div_factor=1e4)
+    sched = build_scheduler(
+        opt, "onecycle", total_steps=100, pct_start=0.25, div_factor=25.0, final_div_factor=1e4
+    )
     lrs = []
     for _ in range(100):
         lrs.append(opt.param_groups[0]["lr"])
@@ -103,7 +111,7 @@ def test_lookahead_ramp_starts_free_and_ends_at_alpha():
     w = torch.nn.Parameter(torch.tensor([0.0]))
     la = Lookahead([w], k=1, alpha=0.2, ramp_steps=10)
     alphas = []
-    for step in range(1, 13):
+    for _ in range(12):
         with torch.no_grad():
             w.add_(1.0)  # a "fast" step of +1
         la.step()
@@ -126,8 +134,11 @@ def test_lookahead_ramp_starts_free_and_ends_at_alpha():
 
 
 def test_param_groups_scale_the_norm_learning_rate_and_keep_its_decay_rate():
-    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, bias=True), torch.nn.BatchNorm2d(4),
-                                torch.nn.Linear(4, 2, bias=False))
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3, bias=True),
+        torch.nn.BatchNorm2d(4),
+        torch.nn.Linear(4, 2, bias=False),
+    )
     groups = param_groups(model, weight_decay=1e-3, norm_lr_scale=64.0, norm_decay=True)
     opt = build_optimizer(groups, "sgd", lr=0.5, weight_decay=1e-3)
     by_size = {sum(p.numel() for p in g["params"]): g for g in opt.param_groups}
@@ -205,12 +216,18 @@ def test_muon_filter_step_matches_hand_computation():
 
 
 def test_muon_groups_from_param_groups():
-    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, bias=True), torch.nn.BatchNorm2d(4),
-                                torch.nn.Flatten(), torch.nn.Linear(4, 2, bias=False))
-    groups = param_groups(model, weight_decay=1e-3, norm_lr_scale=64.0, norm_decay=True,
-                          orthogonal_filters=True)
-    opt = build_optimizer(groups, "muon", lr=0.5, weight_decay=1e-3, momentum=0.85,
-                          muon_lr=0.2, muon_momentum=0.6)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3, bias=True),
+        torch.nn.BatchNorm2d(4),
+        torch.nn.Flatten(),
+        torch.nn.Linear(4, 2, bias=False),
+    )
+    groups = param_groups(
+        model, weight_decay=1e-3, norm_lr_scale=64.0, norm_decay=True, orthogonal_filters=True
+    )
+    opt = build_optimizer(
+        groups, "muon", lr=0.5, weight_decay=1e-3, momentum=0.85, muon_lr=0.2, muon_momentum=0.6
+    )
     assert isinstance(opt, Muon)
     [filters] = [g for g in opt.param_groups if g["orthogonal"]]
     assert filters["params"] == [model[0].weight]

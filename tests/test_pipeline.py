@@ -5,13 +5,12 @@ import math
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from stage_utils import tiny_overrides
 
-from cifar_resnet import engine, pipeline
+from cifar_resnet import pipeline
 from cifar_resnet.config import train_settings
 from cifar_resnet.models import ImageClassifier, build_model
 from cifar_resnet.stages import CONF_DIR
-
-from stage_utils import tiny_overrides
 
 CPU = torch.device("cpu")
 
@@ -33,8 +32,13 @@ def build_on_cpu(settings):
     """What the train stage builds before fitting: data, the epoch's batches, the parts."""
     splits = pipeline.load_data(settings.data)
     batches = pipeline.train_batches(settings, splits, CPU)
-    parts = pipeline.build_parts(settings, pipeline.build_network(settings.model), splits,
-                                 pipeline.steps_per_epoch(batches), CPU)
+    parts = pipeline.build_parts(
+        settings,
+        pipeline.build_network(settings.model),
+        splits,
+        pipeline.steps_per_epoch(batches),
+        CPU,
+    )
     return splits, batches, parts
 
 
@@ -54,16 +58,18 @@ def test_fast_recipe_wires_whitening_norm_lr_and_lookahead_ramp(tiny_cifar, tmp_
     # Lookahead ramps over the whole run.
     assert parts.lookahead.ramp_steps == settings.train.epochs * steps
 
-    state = pipeline.run_fit(settings, splits, parts, batches, CPU,
-                             checkpoint_dir=tmp_path / "ckpt")
+    state = pipeline.run_fit(
+        settings, splits, parts, batches, CPU, checkpoint_dir=tmp_path / "ckpt"
+    )
     assert state.epoch == 2
     assert all(math.isfinite(m["train_loss"]) for m in state.history)
     assert parts.lookahead.fast_steps == 2 * steps
 
 
 def test_muon_recipe_steps_every_trainable_filter_with_muon(tiny_cifar, tmp_path):
-    settings = fast_settings(tiny_cifar, tmp_path, "train.epochs=1", "train.batch_size=32",
-                             recipe="fast_muon")
+    settings = fast_settings(
+        tiny_cifar, tmp_path, "train.epochs=1", "train.batch_size=32", recipe="fast_muon"
+    )
     splits, batches, parts = build_on_cpu(settings)
     trainable_filters = {id(p) for p in parts.model.parameters() if p.requires_grad and p.ndim == 4}
     [muon_group] = [g for g in parts.optimizer.param_groups if g.get("orthogonal")]
@@ -72,8 +78,9 @@ def test_muon_recipe_steps_every_trainable_filter_with_muon(tiny_cifar, tmp_path
     assert parts.lookahead is None
 
     before = [p.detach().clone() for p in muon_group["params"]]
-    state = pipeline.run_fit(settings, splits, parts, batches, CPU,
-                             checkpoint_dir=tmp_path / "ckpt")
+    state = pipeline.run_fit(
+        settings, splits, parts, batches, CPU, checkpoint_dir=tmp_path / "ckpt"
+    )
     assert all(math.isfinite(m["train_loss"]) for m in state.history)
     assert all(not torch.equal(b, p) for b, p in zip(before, muon_group["params"]))
 

@@ -11,6 +11,7 @@ from mlflow.tracking import MlflowClient
 
 from cifar_resnet import registry
 
+
 @pytest.fixture(scope="module")
 def tracking_store(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("registry")
@@ -38,8 +39,9 @@ def store(tracking_store, request):
         for key, value in (params or {}).items():
             client.log_param(run.info.run_id, key, value)
         client.set_terminated(run.info.run_id)
-        version = client.create_model_version(name, f"runs:/{run.info.run_id}/model",
-                                              run.info.run_id, tags=tags or {})
+        version = client.create_model_version(
+            name, f"runs:/{run.info.run_id}/model", run.info.run_id, tags=tags or {}
+        )
         return client.get_model_version(name, version.version)
 
     return SimpleNamespace(client=client, name=name, add=add)
@@ -93,8 +95,10 @@ def test_a_final_fit_ranks_by_the_val_acc_it_borrowed(store):
 
 
 def test_tta_accuracies_are_read_per_view_set_from_tags_runs_and_old_names(store):
-    tagged = store.add({"test_acc_tta_flip": "0.41", "test_acc_tta_seed": "nan"},
-                       {"test_acc_tta_flip": 0.99, "test_acc_tta_flip_shift": 0.43})
+    tagged = store.add(
+        {"test_acc_tta_flip": "0.41", "test_acc_tta_seed": "nan"},
+        {"test_acc_tta_flip": 0.99, "test_acc_tta_flip_shift": 0.43},
+    )
     # Written before the names carried the view set: eval_tta's tag and train's metric.
     old_eval = store.add({"test_acc_tta": "0.52", "tta_views": "flip_shift"})
     old_train = store.add(metrics={"test_acc_tta": 0.61}, params={"train.tta": "flip"})

@@ -8,8 +8,18 @@ from cifar_resnet.results import Row, csv_text, markdown
 
 TABLE = [
     Row("1", "champion", "resnet_small", 272474, 2, 0.5, 0.40, 0.30, "run1", {"flip": 0.35}),
-    Row("2", "", "resnet_small", 272474, 2, 0.5, None, 0.31, "run2",
-        {"flip_shift": 0.36, "flip": 0.33}),
+    Row(
+        "2",
+        "",
+        "resnet_small",
+        272474,
+        2,
+        0.5,
+        None,
+        0.31,
+        "run2",
+        {"flip_shift": 0.36, "flip": 0.33},
+    ),
     Row("3", "", "wrn22_4", 4298970, 100, 0.99, 0.95, 0.954, "run3", {}, settings_from_run="run1"),
 ]
 
@@ -17,12 +27,25 @@ TABLE = [
 def test_markdown_has_one_column_per_view_set_and_marks_a_borrowed_val_acc():
     header, rule, *lines = markdown(TABLE).strip().splitlines()
     cells = [c.strip() for c in header.strip("|").split("|")]
-    assert cells == ["version", "aliases", "model", "parameters", "epochs", "train acc",
-                     "val acc", "test acc", "test acc (TTA flip)", "test acc (TTA flip_shift)",
-                     "run id"]
+    assert cells == [
+        "version",
+        "aliases",
+        "model",
+        "parameters",
+        "epochs",
+        "train acc",
+        "val acc",
+        "test acc",
+        "test acc (TTA flip)",
+        "test acc (TTA flip_shift)",
+        "run id",
+    ]
     assert rule.count("|") == len(cells) + 1
-    rows = {line.split("|")[1].strip(): [c.strip() for c in line.strip("|").split("|")]
-            for line in lines if line.startswith("| ")}
+    rows = {
+        line.split("|")[1].strip(): [c.strip() for c in line.strip("|").split("|")]
+        for line in lines
+        if line.startswith("| ")
+    }
     assert rows["1"][8:10] == ["35.00%", "–"]
     assert rows["2"][6] == "–" and rows["2"][8:10] == ["33.00%", "36.00%"]
     assert rows["3"][6] == "95.00%†" and rows["3"][8:10] == ["–", "–"]
@@ -37,9 +60,20 @@ def test_markdown_without_tta_or_borrowed_val_acc_has_neither_column_nor_note():
 
 def test_csv_names_each_view_set_and_the_settings_run():
     rows = list(csv.DictReader(io.StringIO(csv_text(TABLE))))
-    assert list(rows[0]) == ["version", "aliases", "model", "parameters", "epochs",
-                             "train_acc", "val_acc", "test_acc", "test_acc_tta_flip",
-                             "test_acc_tta_flip_shift", "run_id", "settings_from_run"]
+    assert list(rows[0]) == [
+        "version",
+        "aliases",
+        "model",
+        "parameters",
+        "epochs",
+        "train_acc",
+        "val_acc",
+        "test_acc",
+        "test_acc_tta_flip",
+        "test_acc_tta_flip_shift",
+        "run_id",
+        "settings_from_run",
+    ]
     assert (rows[0]["test_acc_tta_flip"], rows[0]["test_acc_tta_flip_shift"]) == ("0.35", "")
     assert rows[1]["val_acc"] == "" and rows[1]["test_acc_tta_flip_shift"] == "0.36"
     assert rows[2]["settings_from_run"] == "run1" and rows[0]["settings_from_run"] == ""

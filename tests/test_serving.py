@@ -43,9 +43,11 @@ CIFAR_STD = (0.2470, 0.2435, 0.2616)
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 MODEL_NAME = "cifar10-resnet-test"
 # The server runs with small limits, so that requests over them stay small too.
-SERVER_LIMITS = {"CIFAR_RESNET_MAX_IMAGE_BYTES": "200000",
-                 "CIFAR_RESNET_MAX_REQUEST_BYTES": "1000000",
-                 "CIFAR_RESNET_MAX_IMAGES": "64"}
+SERVER_LIMITS = {
+    "CIFAR_RESNET_MAX_IMAGE_BYTES": "200000",
+    "CIFAR_RESNET_MAX_REQUEST_BYTES": "1000000",
+    "CIFAR_RESNET_MAX_IMAGES": "64",
+}
 
 
 # --------------------------------------------------------------------------- images
@@ -63,9 +65,15 @@ def sample_images(count: int) -> np.ndarray:
     if os.environ.get("CIFAR10_ROOT"):
         return _cifar_test_batch()[:count].copy()
     y, x = np.mgrid[0:32, 0:32]
-    return np.stack([np.stack([(8 * y + 17 * i) % 256, (8 * x + 31 * i) % 256,
-                               (255 - 4 * (x + y) + 7 * i) % 256], -1)
-                     for i in range(count)]).astype(np.uint8)
+    return np.stack(
+        [
+            np.stack(
+                [(8 * y + 17 * i) % 256, (8 * x + 31 * i) % 256, (255 - 4 * (x + y) + 7 * i) % 256],
+                -1,
+            )
+            for i in range(count)
+        ]
+    ).astype(np.uint8)
 
 
 def encode(image: np.ndarray, fmt: str = "PNG", **options) -> bytes:
@@ -85,11 +93,18 @@ def noise(height: int, width: int, channels: int = 3, seed: int = 0) -> np.ndarr
 
 def crafted_png(width: int, height: int, idat: bytes) -> bytes:
     """A PNG whose header claims width x height, whatever the pixel data holds."""
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
 
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
-            + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+        )
+
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+        + chunk(b"IDAT", idat)
+        + chunk(b"IEND", b"")
+    )
 
 
 # 10 MB of zeros compress to ~10 KB: a few-KB file that claims 7.5 GB of pixels.
@@ -110,9 +125,12 @@ def png16(pixels: np.ndarray) -> bytes:
         crc = struct.pack(">I", zlib.crc32(kind + body))
         return struct.pack(">I", len(body)) + kind + body + crc
 
-    return (b"\x89PNG\r\n\x1a\n"
-            + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 16, color_type, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 16, color_type, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(raw))
+        + chunk(b"IEND", b"")
+    )
 
 
 def bmp555(pixels: np.ndarray) -> bytes:
@@ -131,7 +149,6 @@ def bmp_ending_in_zero() -> bytes:
     data = encode(noise(33, 33, seed=7), "BMP")
     assert data[-1] == 0
     return data
-
 
 
 def frame(files: list[bytes]) -> pd.DataFrame:
@@ -178,10 +195,16 @@ def assert_rejected(call, *fragments: str) -> None:
 # --------------------------------------------------------------------------- decoding
 
 
-@pytest.mark.parametrize("fmt, options, tolerance", [
-    ("PNG", {}, 0), ("BMP", {}, 0), ("WEBP", {"lossless": True}, 0),
-    ("JPEG", {"quality": 95}, 12), ("WEBP", {"quality": 90}, 25),
-])
+@pytest.mark.parametrize(
+    "fmt, options, tolerance",
+    [
+        ("PNG", {}, 0),
+        ("BMP", {}, 0),
+        ("WEBP", {"lossless": True}, 0),
+        ("JPEG", {"quality": 95}, 12),
+        ("WEBP", {"quality": 90}, 25),
+    ],
+)
 def test_each_format_decodes_to_the_pixels_it_holds(fmt, options, tolerance):
     image = sample_images(1)[0]
     decoded = decode_image(encode(image, fmt, **options), max_pixels=10_000)
@@ -282,8 +305,9 @@ def test_palette_la_cmyk_and_16bit_bmp_files_decode_to_their_colours():
     # 5 bits per channel: 31 -> 255, 16 -> 131 (x 255 / 31).
     pixels = np.array([[0x7FFF, 31 << 10, 31 << 5, 16]], np.uint16).repeat(32, 0).repeat(8, 1)
     expected = np.array([[255, 255, 255], [255, 0, 0], [0, 255, 0], [0, 0, 131]]).repeat(8, 0)
-    assert np.array_equal(decode_image(bmp555(pixels), 10_000),
-                          np.broadcast_to(expected, (32, 32, 3)))
+    assert np.array_equal(
+        decode_image(bmp555(pixels), 10_000), np.broadcast_to(expected, (32, 32, 3))
+    )
 
 
 def image_of(mode: str, array: np.ndarray) -> Image.Image:
@@ -296,8 +320,10 @@ CMYK_COLOURS = np.array([[0, 0, 0, 0], [255, 0, 0, 0], [0, 0, 0, 255], [0, 0, 0,
 # mode -> (a function making an image of that mode, the RGB pixels it must become;
 # None: refused)
 MODES = {
-    "1": (lambda: image_of("L", ((RGBX[..., 0] > 127) * 255).astype(np.uint8)).convert("1"),
-          grey((RGBX[..., 0] > 127) * 255)),
+    "1": (
+        lambda: image_of("L", ((RGBX[..., 0] > 127) * 255).astype(np.uint8)).convert("1"),
+        grey((RGBX[..., 0] > 127) * 255),
+    ),
     "L": (lambda: image_of("L", RGBX[..., 0]), grey(RGBX[..., 0])),
     "LA": (lambda: image_of("LA", RGBX[..., :2]), grey(RGBX[..., 0])),
     "P": (palette_image, PALETTE[INDICES]),
@@ -306,16 +332,27 @@ MODES = {
     "RGBX": (lambda: image_of("RGBX", RGBX), RGBX[..., :3]),
     "RGBA": (lambda: image_of("RGBA", RGBX), RGBX[..., :3]),
     # white, cyan, black, mid grey: (255 - C) * (255 - K) / 255 per channel
-    "CMYK": (lambda: image_of("CMYK", CMYK_COLOURS.repeat(256, 0).reshape(32, 32, 4)),
-             np.array([[255] * 3, [0, 255, 255], [0] * 3, [127] * 3], np.uint8)
-             .repeat(256, 0).reshape(32, 32, 3)),
+    "CMYK": (
+        lambda: image_of("CMYK", CMYK_COLOURS.repeat(256, 0).reshape(32, 32, 4)),
+        np.array([[255] * 3, [0, 255, 255], [0] * 3, [127] * 3], np.uint8)
+        .repeat(256, 0)
+        .reshape(32, 32, 3),
+    ),
     # Y with neutral chroma is grey; Y=76, Cb=85, Cr=255 is JPEG's pure red.
-    "YCbCr": (lambda: image_of("YCbCr", np.array([[200, 128, 128], [76, 85, 255]], np.uint8)
-                              .repeat(512, 0).reshape(32, 32, 3)),
-              np.array([[200] * 3, [254, 0, 0]], np.uint8).repeat(512, 0).reshape(32, 32, 3)),
-    **{mode: (lambda mode=mode, dtype=dtype: image_of(mode, RAMP16.astype(dtype)),
-              grey(np.round(RAMP16 / 257)))
-       for mode, dtype in [("I;16", "<u2"), ("I;16L", "<u2"), ("I;16B", ">u2"), ("I;16N", "=u2")]},
+    "YCbCr": (
+        lambda: image_of(
+            "YCbCr",
+            np.array([[200, 128, 128], [76, 85, 255]], np.uint8).repeat(512, 0).reshape(32, 32, 3),
+        ),
+        np.array([[200] * 3, [254, 0, 0]], np.uint8).repeat(512, 0).reshape(32, 32, 3),
+    ),
+    **{
+        mode: (
+            lambda mode=mode, dtype=dtype: image_of(mode, RAMP16.astype(dtype)),
+            grey(np.round(RAMP16 / 257)),
+        )
+        for mode, dtype in [("I;16", "<u2"), ("I;16L", "<u2"), ("I;16B", ">u2"), ("I;16N", "=u2")]
+    },
     "I": (lambda: image_of("I", RAMP16.astype(np.int32)), None),
     "F": (lambda: image_of("F", (RAMP16 / 65535).astype(np.float32)), None),
     "La": (lambda: image_of("La", RGBX[..., :2]), None),
@@ -341,23 +378,29 @@ def test_each_mode_becomes_8bit_rgb_or_a_400_that_names_it(mode, monkeypatch):
         assert np.abs(call()[0].astype(int) - expected).max() <= tolerance
 
 
-@pytest.mark.parametrize("data, reason", [
-    (b"this is not an image at all", "not a valid PNG, JPEG, BMP or WebP image"),
-    (TRUNCATED_PNG, "could not be decoded"),
-    (b"", "is empty"),
-    (crafted_png(0, 32, zlib.compress(b"")), "zero dimension (0x32)"),
-    (crafted_png(32, 0, zlib.compress(b"")), "zero dimension (32x0)"),
-    (encode(noise(32, 32), "GIF"), "not a valid PNG, JPEG, BMP or WebP image"),
-])
+@pytest.mark.parametrize(
+    "data, reason",
+    [
+        (b"this is not an image at all", "not a valid PNG, JPEG, BMP or WebP image"),
+        (TRUNCATED_PNG, "could not be decoded"),
+        (b"", "is empty"),
+        (crafted_png(0, 32, zlib.compress(b"")), "zero dimension (0x32)"),
+        (crafted_png(32, 0, zlib.compress(b"")), "zero dimension (32x0)"),
+        (encode(noise(32, 32), "GIF"), "not a valid PNG, JPEG, BMP or WebP image"),
+    ],
+)
 def test_bad_files_say_what_is_wrong(data, reason):
     with pytest.raises(ValueError, match=reason.replace("(", r"\(").replace(")", r"\)")):
         decode_image(data, max_pixels=10_000)
 
 
-@pytest.mark.parametrize("width, height, reason", [
-    (50000, 50000, "is too large"),  # Pillow's own guard, inside open()
-    (5000, 4000, "5000x4000 = 20,000,000 pixels, over the limit of 16,777,216"),  # ours
-])
+@pytest.mark.parametrize(
+    "width, height, reason",
+    [
+        (50000, 50000, "is too large"),  # Pillow's own guard, inside open()
+        (5000, 4000, "5000x4000 = 20,000,000 pixels, over the limit of 16,777,216"),  # ours
+    ],
+)
 def test_oversized_images_are_refused_from_the_header_before_decoding(width, height, reason):
     # The pixel data is not even valid zlib: refusing it says "pixels", not "could not
     # be decoded", only because nothing was decoded.
@@ -375,10 +418,12 @@ def file_forms(files: list[bytes]) -> dict:
     return {
         "DataFrame of base64": pd.DataFrame({"image": texts}),
         "DataFrame of bytes": pd.DataFrame({"image": files}),
-        "DataFrame of data: URLs": pd.DataFrame({"image": [f"data:image/bmp;base64,{t}"
-                                                           for t in texts]}),
-        "DataFrame of wrapped base64": pd.DataFrame({"image": [base64.encodebytes(f).decode()
-                                                               for f in files]}),
+        "DataFrame of data: URLs": pd.DataFrame(
+            {"image": [f"data:image/bmp;base64,{t}" for t in texts]}
+        ),
+        "DataFrame of wrapped base64": pd.DataFrame(
+            {"image": [base64.encodebytes(f).decode() for f in files]}
+        ),
         "Series of bytes": pd.Series(files),
         "dict of a list of bytes": {"image": files},
         "dict of a tuple of bytes": {"image": tuple(files)},
@@ -430,38 +475,46 @@ def test_every_input_form_gives_the_same_pixels():
         assert pixels.dtype == np.uint8 and pixels.flags.c_contiguous and pixels.flags.writeable
 
 
-@pytest.mark.parametrize("model_input, fragments", [
-    (pd.DataFrame({"imgae": ["x"]}), ["expected a column 'image'", "got columns ['imgae']"]),
-    (pd.DataFrame({"images": ["x"]}), ["expected a column 'image'"]),
-    (pd.DataFrame([["x", "y"]], columns=["image", "image"]), ["'image' appears 2 times"]),
-    ({"picture": ["x"]}, ["expected a key 'image'"]),
-    (pd.DataFrame({"image": ["!!not base64!!"]}), ["image 0", "not valid base64"]),
-    (pd.DataFrame({"image": [b64(encode(sample_images(1)[0])), None]}),
-     ["image 1: is missing (null)"]),
-    (pd.DataFrame({"image": [12345]}), ["image 0: expected a base64-encoded image file, got int"]),
-    (pd.DataFrame({"image": [""]}), ["image 0", "is empty"]),
-    (pd.DataFrame({"image": []}), ["no images"]),
-    ([], ["no images"]),
-    ([b64(encode(sample_images(1)[0])), 7], ["image 1: expected a base64-encoded image file"]),
-    # numpy pads S items with zeros and strips trailing zeros: a BMP would lose its end.
-    (np.array([bmp_ending_in_zero()]), ["numpy bytes array", "|S", "trailing zero bytes"]),
-    ({"image": np.array([bmp_ending_in_zero()])}, ["'image' is a numpy bytes array"]),
-    ({"image": np.array([["a"], ["b"]])}, ["'image' must be a 1-D array", "(2, 1)"]),
-    ({"image": 12}, ["'image' must be a list of image files; got int"]),
-    (b"a bare file", ["expected a DataFrame with a column 'image'", "got bytes"]),
-    ("a bare string", ["got str"]),
-    (None, ["got NoneType"]),
-    ([[[1, 2, 3]], [[1, 2]]], ["numpy cannot make an array of", "inhomogeneous"]),
-    (sample_images(2).astype(np.float32), ["expected uint8 pixels", "float32"]),
-    (sample_images(2).astype(bool), ["expected uint8 pixels", "bool"]),
-    (sample_images(2).astype(np.complex64), ["expected uint8 pixels", "complex64"]),
-    (sample_images(2).astype(object), ["expected uint8 pixels", "object"]),
-    (sample_images(2).astype("datetime64[s]"), ["expected uint8 pixels", "datetime64"]),
-    (sample_images(2).transpose(0, 3, 1, 2), ["shape (N, 32, 32, 3)", "(2, 3, 32, 32)"]),
-    (sample_images(2)[0], ["shape (N, 32, 32, 3)", "(32, 32, 3)"]),
-    (sample_images(2).astype(np.int64) * 2, ["0..255"]),
-    (sample_images(2).astype(np.int16) - 1, ["0..255", "-1.."]),
-])
+@pytest.mark.parametrize(
+    "model_input, fragments",
+    [
+        (pd.DataFrame({"imgae": ["x"]}), ["expected a column 'image'", "got columns ['imgae']"]),
+        (pd.DataFrame({"images": ["x"]}), ["expected a column 'image'"]),
+        (pd.DataFrame([["x", "y"]], columns=["image", "image"]), ["'image' appears 2 times"]),
+        ({"picture": ["x"]}, ["expected a key 'image'"]),
+        (pd.DataFrame({"image": ["!!not base64!!"]}), ["image 0", "not valid base64"]),
+        (
+            pd.DataFrame({"image": [b64(encode(sample_images(1)[0])), None]}),
+            ["image 1: is missing (null)"],
+        ),
+        (
+            pd.DataFrame({"image": [12345]}),
+            ["image 0: expected a base64-encoded image file, got int"],
+        ),
+        (pd.DataFrame({"image": [""]}), ["image 0", "is empty"]),
+        (pd.DataFrame({"image": []}), ["no images"]),
+        ([], ["no images"]),
+        ([b64(encode(sample_images(1)[0])), 7], ["image 1: expected a base64-encoded image file"]),
+        # numpy pads S items with zeros and strips trailing zeros: a BMP would lose its end.
+        (np.array([bmp_ending_in_zero()]), ["numpy bytes array", "|S", "trailing zero bytes"]),
+        ({"image": np.array([bmp_ending_in_zero()])}, ["'image' is a numpy bytes array"]),
+        ({"image": np.array([["a"], ["b"]])}, ["'image' must be a 1-D array", "(2, 1)"]),
+        ({"image": 12}, ["'image' must be a list of image files; got int"]),
+        (b"a bare file", ["expected a DataFrame with a column 'image'", "got bytes"]),
+        ("a bare string", ["got str"]),
+        (None, ["got NoneType"]),
+        ([[[1, 2, 3]], [[1, 2]]], ["numpy cannot make an array of", "inhomogeneous"]),
+        (sample_images(2).astype(np.float32), ["expected uint8 pixels", "float32"]),
+        (sample_images(2).astype(bool), ["expected uint8 pixels", "bool"]),
+        (sample_images(2).astype(np.complex64), ["expected uint8 pixels", "complex64"]),
+        (sample_images(2).astype(object), ["expected uint8 pixels", "object"]),
+        (sample_images(2).astype("datetime64[s]"), ["expected uint8 pixels", "datetime64"]),
+        (sample_images(2).transpose(0, 3, 1, 2), ["shape (N, 32, 32, 3)", "(2, 3, 32, 32)"]),
+        (sample_images(2)[0], ["shape (N, 32, 32, 3)", "(32, 32, 3)"]),
+        (sample_images(2).astype(np.int64) * 2, ["0..255"]),
+        (sample_images(2).astype(np.int16) - 1, ["0..255", "-1.."]),
+    ],
+)
 def test_bad_tables_and_arrays_say_what_is_wrong(model_input, fragments):
     assert_rejected(lambda: to_images(model_input, Limits()), *fragments)
 
@@ -470,16 +523,27 @@ def test_limits_are_checked_before_decoding():
     small, big = encode(noise(8, 8)), encode(noise(40, 40))  # ~0.3 KB and ~4.9 KB
     limits = Limits(max_image_bytes=2000, max_request_bytes=6000, max_images=4)
     # A valid base64 text of garbage: rejected by its length alone, never decoded.
-    assert_rejected(lambda: to_images(frame([small, b"x" * 4000]), limits),
-                    "image 1", "over the limit of 2,000 (CIFAR_RESNET_MAX_IMAGE_BYTES)")
-    assert_rejected(lambda: to_images(pd.DataFrame({"image": [big]}), limits),
-                    "image 0", "CIFAR_RESNET_MAX_IMAGE_BYTES")
-    assert_rejected(lambda: to_images(frame([small] * 4 + [b"x" * 1900] * 2), limits),
-                    "over the limit of 4 (CIFAR_RESNET_MAX_IMAGES)")
-    assert_rejected(lambda: to_images(frame([b"x" * 1900] * 4), limits),
-                    "over the limit of 6,000 (CIFAR_RESNET_MAX_REQUEST_BYTES)")
-    assert_rejected(lambda: to_images(noise(32, 32)[None].repeat(5, 0), limits),
-                    "CIFAR_RESNET_MAX_IMAGES")
+    assert_rejected(
+        lambda: to_images(frame([small, b"x" * 4000]), limits),
+        "image 1",
+        "over the limit of 2,000 (CIFAR_RESNET_MAX_IMAGE_BYTES)",
+    )
+    assert_rejected(
+        lambda: to_images(pd.DataFrame({"image": [big]}), limits),
+        "image 0",
+        "CIFAR_RESNET_MAX_IMAGE_BYTES",
+    )
+    assert_rejected(
+        lambda: to_images(frame([small] * 4 + [b"x" * 1900] * 2), limits),
+        "over the limit of 4 (CIFAR_RESNET_MAX_IMAGES)",
+    )
+    assert_rejected(
+        lambda: to_images(frame([b"x" * 1900] * 4), limits),
+        "over the limit of 6,000 (CIFAR_RESNET_MAX_REQUEST_BYTES)",
+    )
+    assert_rejected(
+        lambda: to_images(noise(32, 32)[None].repeat(5, 0), limits), "CIFAR_RESNET_MAX_IMAGES"
+    )
     assert len(to_images(frame([small] * 4), limits)) == 4
 
 
@@ -500,8 +564,9 @@ def test_predict_answers_what_the_torch_model_does(classifier, torch_model):
     answer = classifier.predict(None, frame([encode(image) for image in images]))
     assert list(answer.columns) == ["class_name", "class_index", "probabilities"]
     probabilities = np.array(answer["probabilities"].tolist())
-    np.testing.assert_allclose(probabilities, torch_probabilities(torch_model, images),
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        probabilities, torch_probabilities(torch_model, images), rtol=1e-5, atol=1e-6
+    )
     assert np.array_equal(answer["class_index"], probabilities.argmax(1))
     assert list(answer["class_name"]) == [CLASSES[i] for i in answer["class_index"]]
     np.testing.assert_allclose(probabilities.sum(1), 1, rtol=1e-5)
@@ -510,12 +575,18 @@ def test_predict_answers_what_the_torch_model_does(classifier, torch_model):
 def test_tta_flip_averages_the_image_and_its_mirror(classifier, torch_model):
     images = sample_images(4)
     flipped = classifier.predict(None, images, params={"tta": "flip"})
-    expected = (torch_probabilities(torch_model, images)
-                + torch_probabilities(torch_model, images[:, :, ::-1].copy())) / 2
-    np.testing.assert_allclose(np.array(flipped["probabilities"].tolist()), expected,
-                               rtol=1e-5, atol=1e-6)
-    assert_rejected(lambda: classifier.predict(None, images, params={"tta": "rotate"}),
-                    "unknown tta 'rotate'", "none, identity, flip, flip_shift, seed")
+    expected = (
+        torch_probabilities(torch_model, images)
+        + torch_probabilities(torch_model, images[:, :, ::-1].copy())
+    ) / 2
+    np.testing.assert_allclose(
+        np.array(flipped["probabilities"].tolist()), expected, rtol=1e-5, atol=1e-6
+    )
+    assert_rejected(
+        lambda: classifier.predict(None, images, params={"tta": "rotate"}),
+        "unknown tta 'rotate'",
+        "none, identity, flip, flip_shift, seed",
+    )
 
 
 @pytest.mark.parametrize("name", list(TTA_VIEWS))
@@ -523,10 +594,16 @@ def test_every_view_set_answers_what_eval_tta_averaged(classifier, torch_model, 
     """Serving's tta=<set> and eval_tta's test_acc_tta_<set> average the same softmax:
     engine.predict_logits is what eval_tta and training's end-of-run figure call."""
     images = sample_images(160)  # over one forward pass (128 images) for every set
-    served = np.array(classifier.predict(None, images, params={"tta": name})
-                      ["probabilities"].tolist())
-    evaluated = engine.predict_logits(torch_model, images, torch.device("cpu"), batch_size=128,
-                                      views=tta_views(name)).exp().numpy()
+    served = np.array(
+        classifier.predict(None, images, params={"tta": name})["probabilities"].tolist()
+    )
+    evaluated = (
+        engine.predict_logits(
+            torch_model, images, torch.device("cpu"), batch_size=128, views=tta_views(name)
+        )
+        .exp()
+        .numpy()
+    )
     np.testing.assert_allclose(served, evaluated, rtol=1e-4, atol=1e-6)
     plain = torch_probabilities(torch_model, images)
     if len(TTA_VIEWS[name]) > 1:  # the views really are applied, not the plain image
@@ -553,27 +630,52 @@ def registry(torch_model, weights, tmp_path_factory):
     mlflow.set_tracking_uri(uri)
     try:
         client = MlflowClient()
-        experiment = client.create_experiment("serving", artifact_location=(tmp / "artifacts").as_uri())
+        experiment = client.create_experiment(
+            "serving", artifact_location=(tmp / "artifacts").as_uri()
+        )
         with mlflow.start_run(experiment_id=experiment):
             info = tracking.log_classifier(weights, sample_images(2))
         version = tracking.register_model(info.model_uri, MODEL_NAME, {"model": "resnet_small"})
         client.set_registered_model_alias(MODEL_NAME, "champion", version.version)
-        yield SimpleNamespace(uri=uri, version=version.version,
-                              pyfunc=mlflow.pyfunc.load_model(f"models:/{MODEL_NAME}@champion"))
+        yield SimpleNamespace(
+            uri=uri,
+            version=version.version,
+            pyfunc=mlflow.pyfunc.load_model(f"models:/{MODEL_NAME}@champion"),
+        )
     finally:
         mlflow.set_tracking_uri(previous)
 
 
 def start_server(model_uri: str, tracking_uri: str, log: Path, extra_env=None):
     port = free_port()
-    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, **(extra_env or {}),
-           # `--env-manager local` runs the first python/uvicorn on PATH: the venv's.
-           "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": tracking_uri,
+        **(extra_env or {}),
+        # `--env-manager local` runs the first python/uvicorn on PATH: the venv's.
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
     with open(log, "wb") as out:
         process = subprocess.Popen(
-            [str(BIN / "mlflow"), "models", "serve", "-m", model_uri, "--env-manager", "local",
-             "--host", "127.0.0.1", "--port", str(port)],
-            env=env, cwd=log.parent, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+            [
+                str(BIN / "mlflow"),
+                "models",
+                "serve",
+                "-m",
+                model_uri,
+                "--env-manager",
+                "local",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+            ],
+            env=env,
+            cwd=log.parent,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 150
     while time.monotonic() < deadline:
@@ -613,8 +715,12 @@ def server(registry, tmp_path_factory):
 
 def invoke(url: str, body, timeout: float = 60) -> requests.Response:
     data = body if isinstance(body, (bytes, str)) else json.dumps(body)
-    return requests.post(f"{url}/invocations", data=data, timeout=timeout,
-                         headers={"Content-Type": "application/json"})
+    return requests.post(
+        f"{url}/invocations",
+        data=data,
+        timeout=timeout,
+        headers={"Content-Type": "application/json"},
+    )
 
 
 def split_body(files: list[bytes], **params) -> dict:
@@ -630,8 +736,12 @@ def predictions(response: requests.Response) -> pd.DataFrame:
 def assert_same_answer(served: pd.DataFrame, local: pd.DataFrame) -> None:
     assert list(served["class_name"]) == list(local["class_name"])
     assert list(served["class_index"]) == list(local["class_index"])
-    np.testing.assert_allclose(np.array(served["probabilities"].tolist()),
-                               np.array(local["probabilities"].tolist()), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(
+        np.array(served["probabilities"].tolist()),
+        np.array(local["probabilities"].tolist()),
+        rtol=1e-5,
+        atol=1e-7,
+    )
 
 
 @pytest.mark.slow
@@ -640,16 +750,25 @@ def test_served_pngs_match_the_pyfunc_and_the_checkpoint(server, registry, torch
     files = [encode(image) for image in images]
     served = predictions(invoke(server, split_body(files)))
     assert_same_answer(served, registry.pyfunc.predict(frame(files)))
-    np.testing.assert_allclose(np.array(served["probabilities"].tolist()),
-                               torch_probabilities(torch_model, images), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(
+        np.array(served["probabilities"].tolist()),
+        torch_probabilities(torch_model, images),
+        rtol=1e-4,
+        atol=1e-6,
+    )
     assert np.array_equal(served["class_index"], torch_probabilities(torch_model, images).argmax(1))
 
 
 @pytest.mark.slow
 def test_records_jpeg_large_rgba_and_pixel_arrays_are_served(server, registry):
     images = sample_images(4)
-    files = [encode(images[0]), encode(images[1], "JPEG", quality=90),
-             encode(images[2], "WEBP"), encode(RGBA_200x150), encode(images[3][..., 0])]
+    files = [
+        encode(images[0]),
+        encode(images[1], "JPEG", quality=90),
+        encode(images[2], "WEBP"),
+        encode(RGBA_200x150),
+        encode(images[3][..., 0]),
+    ]
     served = predictions(invoke(server, {"dataframe_records": [{"image": b64(f)} for f in files]}))
     assert_same_answer(served, registry.pyfunc.predict(frame(files)))
     assert set(served["class_name"]) <= set(CLASSES) and len(served) == len(files)
@@ -677,8 +796,9 @@ def test_tta_parameter_over_http(server, registry):
     flipped = predictions(invoke(server, split_body(files, tta="flip")))
     assert_same_answer(flipped, registry.pyfunc.predict(frame(files), params={"tta": "flip"}))
     plain = predictions(invoke(server, split_body(files)))
-    assert not np.allclose(np.array(flipped["probabilities"].tolist()),
-                           np.array(plain["probabilities"].tolist()))
+    assert not np.allclose(
+        np.array(flipped["probabilities"].tolist()), np.array(plain["probabilities"].tolist())
+    )
 
 
 def _split(cells) -> dict:
@@ -693,18 +813,26 @@ BAD_REQUESTS = {
     "null": (_split([None]), "image 0: is missing (null)"),
     "not base64": (_split(["%%%%"]), "not valid base64"),
     "missing column": ({"dataframe_records": [{"file": GOOD}]}, "expected a column 'image'"),
-    "misspelt column": ({"dataframe_split": {"columns": ["imgae"], "data": [[GOOD]]}},
-                        "got columns ['imgae']"),
+    "misspelt column": (
+        {"dataframe_split": {"columns": ["imgae"], "data": [[GOOD]]}},
+        "got columns ['imgae']",
+    ),
     "float arrays": ({"inputs": (sample_images(2) / 255).tolist()}, "expected uint8 pixels"),
-    "channels-first arrays": ({"inputs": sample_images(2).transpose(0, 3, 1, 2).tolist()},
-                              "(2, 3, 32, 32)"),
+    "channels-first arrays": (
+        {"inputs": sample_images(2).transpose(0, 3, 1, 2).tolist()},
+        "(2, 3, 32, 32)",
+    ),
     "ragged arrays": ({"inputs": [[[1, 2, 3]], [[1, 2]]]}, "inhomogeneous"),
     "zero dimension": (_split([b64(crafted_png(0, 32, zlib.compress(b"")))]), "zero dimension"),
     "decompression bomb": (_split([b64(BOMB)]), "is too large"),
-    "image over the byte limit": (_split([b64(encode(noise(300, 300)))]),
-                                  "CIFAR_RESNET_MAX_IMAGE_BYTES"),
-    "request over the byte limit": (_split([b64(encode(noise(250, 250, seed=i))) for i in range(6)]),
-                                    "over the limit of 1,000,000 (CIFAR_RESNET_MAX_REQUEST_BYTES)"),
+    "image over the byte limit": (
+        _split([b64(encode(noise(300, 300)))]),
+        "CIFAR_RESNET_MAX_IMAGE_BYTES",
+    ),
+    "request over the byte limit": (
+        _split([b64(encode(noise(250, 250, seed=i))) for i in range(6)]),
+        "over the limit of 1,000,000 (CIFAR_RESNET_MAX_REQUEST_BYTES)",
+    ),
     "too many images": (_split([GOOD] * 65), "over the limit of 64 (CIFAR_RESNET_MAX_IMAGES)"),
     "unknown tta": ({**_split([GOOD]), "params": {"tta": "spin"}}, "unknown tta 'spin'"),
     "tta of the wrong type": ({**_split([GOOD]), "params": {"tta": 3}}, "tta"),
@@ -728,10 +856,15 @@ def test_bad_input_gets_400_with_the_reason_and_the_server_keeps_serving(server,
 @pytest.mark.slow
 def test_after_bad_input_answers_are_unchanged(server, registry):
     files = [encode(image) for image in sample_images(3)]
-    assert_same_answer(predictions(invoke(server, split_body(files))),
-                       registry.pyfunc.predict(frame(files)))
-    response = requests.post(f"{server}/invocations", data="image\nabc", timeout=10,
-                             headers={"Content-Type": "text/plain"})
+    assert_same_answer(
+        predictions(invoke(server, split_body(files))), registry.pyfunc.predict(frame(files))
+    )
+    response = requests.post(
+        f"{server}/invocations",
+        data="image\nabc",
+        timeout=10,
+        headers={"Content-Type": "text/plain"},
+    )
     assert response.status_code == 415
 
 
@@ -742,8 +875,12 @@ def test_client_prints_class_and_confidence_and_names_rejected_files(server, reg
         (tmp_path / f"img{index}.png").write_bytes(encode(image))
     (tmp_path / "broken.png").write_bytes(TRUNCATED_PNG)
     (tmp_path / "notes.txt").write_text("not an image, and not picked from a folder")
-    result = subprocess.run([sys.executable, "-m", "cifar_resnet.client", server, str(tmp_path),
-                             "--batch-size", "2"], capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-m", "cifar_resnet.client", server, str(tmp_path), "--batch-size", "2"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 1, result.stderr
     expected = registry.pyfunc.predict(images)
     lines = sorted(line.split("\t") for line in result.stdout.splitlines())
@@ -756,9 +893,18 @@ def test_client_prints_class_and_confidence_and_names_rejected_files(server, reg
 
 def test_client_says_when_the_server_is_unreachable(tmp_path):
     (tmp_path / "a.png").write_bytes(encode(sample_images(1)[0]))
-    result = subprocess.run([sys.executable, "-m", "cifar_resnet.client",
-                             f"http://127.0.0.1:{free_port()}", str(tmp_path / "a.png")],
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cifar_resnet.client",
+            f"http://127.0.0.1:{free_port()}",
+            str(tmp_path / "a.png"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 2
     assert "error: cannot reach http://127.0.0.1:" in result.stderr
     assert "Traceback" not in result.stderr
@@ -766,12 +912,14 @@ def test_client_says_when_the_server_is_unreachable(tmp_path):
 
 @pytest.mark.slow
 def test_a_version_number_serves_too(registry, tmp_path):
-    process, url = start_server(f"models:/{MODEL_NAME}/{registry.version}", registry.uri,
-                                tmp_path / "server.log")
+    process, url = start_server(
+        f"models:/{MODEL_NAME}/{registry.version}", registry.uri, tmp_path / "server.log"
+    )
     try:
         files = [encode(image) for image in sample_images(2)]
-        assert_same_answer(predictions(invoke(url, split_body(files))),
-                           registry.pyfunc.predict(frame(files)))
+        assert_same_answer(
+            predictions(invoke(url, split_body(files))), registry.pyfunc.predict(frame(files))
+        )
     finally:
         stop_server(process)
 
@@ -801,12 +949,16 @@ def test_every_in_process_form_answers_what_http_does(registry):
     files = [encode(image, "BMP") for image in images] + [bmp_ending_in_zero()]
     texts = [b64(f) for f in files]
     served = http_answer(registry.pyfunc, split_body(files))
-    for body in ({"dataframe_records": [{"image": t} for t in texts]},
-                 {"inputs": {"image": texts}}, {"inputs": texts},
-                 {"instances": [{"image": t} for t in texts]}):
+    for body in (
+        {"dataframe_records": [{"image": t} for t in texts]},
+        {"inputs": {"image": texts}},
+        {"inputs": texts},
+        {"instances": [{"image": t} for t in texts]},
+    ):
         assert_same_answer(http_answer(registry.pyfunc, body), served)
-    assert_same_answer(http_answer(registry.pyfunc, "image\n" + "\n".join(texts), "text/csv"),
-                       served)
+    assert_same_answer(
+        http_answer(registry.pyfunc, "image\n" + "\n".join(texts), "text/csv"), served
+    )
     for name, form in file_forms(files).items():
         try:
             assert_same_answer(registry.pyfunc.predict(form), served)
@@ -831,26 +983,35 @@ def test_the_logged_model_names_its_view_sets_and_takes_each_over_http(registry)
         answer = http_answer(registry.pyfunc, split_body(files, tta=name))
         assert_same_answer(answer, registry.pyfunc.predict(frame(files), params={"tta": name}))
         if len(TTA_VIEWS[name]) > 1:
-            assert not np.allclose(np.array(answer["probabilities"].tolist()),
-                                   np.array(plain["probabilities"].tolist()))
-    assert "unknown tta 'flipshift'" in http_error(registry.pyfunc,
-                                                   split_body(files, tta="flipshift"))
+            assert not np.allclose(
+                np.array(answer["probabilities"].tolist()),
+                np.array(plain["probabilities"].tolist()),
+            )
+    assert "unknown tta 'flipshift'" in http_error(
+        registry.pyfunc, split_body(files, tta="flipshift")
+    )
 
 
-@pytest.mark.parametrize("model_input, fragment", [
-    (np.array([bmp_ending_in_zero()]), "trailing zero bytes"),
-    ({"image": np.array([bmp_ending_in_zero()])}, "trailing zero bytes"),
-    (sample_images(2)[:, ::-1].astype(np.float64), "float64"),
-    ([[[1, 2, 3]], [[1, 2]]], "inhomogeneous"),
-    (b"one file", "got bytes"),
-])
+@pytest.mark.parametrize(
+    "model_input, fragment",
+    [
+        (np.array([bmp_ending_in_zero()]), "trailing zero bytes"),
+        ({"image": np.array([bmp_ending_in_zero()])}, "trailing zero bytes"),
+        (sample_images(2)[:, ::-1].astype(np.float64), "float64"),
+        ([[[1, 2, 3]], [[1, 2]]], "inhomogeneous"),
+        (b"one file", "got bytes"),
+    ],
+)
 def test_the_loaded_model_refuses_bad_forms_with_a_400(registry, model_input, fragment):
     assert_rejected(lambda: registry.pyfunc.predict(model_input), fragment)
 
 
 def test_the_logged_model_is_code_not_a_pickle(registry, tmp_path, monkeypatch):
-    local = Path(mlflow.artifacts.download_artifacts(
-        f"models:/{MODEL_NAME}/{registry.version}", dst_path=str(tmp_path)))
+    local = Path(
+        mlflow.artifacts.download_artifacts(
+            f"models:/{MODEL_NAME}/{registry.version}", dst_path=str(tmp_path)
+        )
+    )
     flavor = Model.load(str(local)).flavors["python_function"]
     assert Path(flavor["model_code_path"]).name == "serving_model.py"
     assert "python_model" not in flavor and not list(local.rglob("*.pkl"))
@@ -863,14 +1024,20 @@ def test_the_logged_model_is_code_not_a_pickle(registry, tmp_path, monkeypatch):
 
 
 def test_importing_serving_prints_no_type_hint_warning_but_keeps_the_others():
-    code = ("from typing import Any\n"
-            "from cifar_resnet import serving\n"
-            "class Hinted(serving._PythonModelWithoutHintWarning):\n"
-            "    def predict(self, context, model_input: Any, params=None):\n"
-            "        return model_input\n")
-    result = subprocess.run([sys.executable, "-W", "default", "-c", code], capture_output=True,
-                            text=True, timeout=120,
-                            env={**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"})
+    code = (
+        "from typing import Any\n"
+        "from cifar_resnet import serving\n"
+        "class Hinted(serving._PythonModelWithoutHintWarning):\n"
+        "    def predict(self, context, model_input: Any, params=None):\n"
+        "        return model_input\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-W", "default", "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"},
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Add type hints to the `predict` method" not in result.stderr
     # Only that warning is dropped: MLflow's verdict on an `Any` hint still shows.

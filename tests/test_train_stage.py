@@ -6,20 +6,33 @@ import shutil
 import subprocess
 import sys
 
-import numpy as np
 import mlflow
+import numpy as np
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
-
-from cifar_resnet import data, engine, hardware
 from stage_utils import REPO, make_experiment, run_module, stage_env, tiny_overrides
 
-EPOCH_METRICS = ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_seconds",
-                 "images_per_second")
-ARTIFACTS = ("config/resolved.yaml", "plots/learning_curves.png", "plots/confusion_matrix.png",
-             "plots/misclassified.png", "per_class_accuracy.csv", "checkpoints/best.pt",
-             "environment/requirements.txt")
+from cifar_resnet import data, engine, hardware
+
+EPOCH_METRICS = (
+    "train_loss",
+    "train_acc",
+    "val_loss",
+    "val_acc",
+    "lr",
+    "epoch_seconds",
+    "images_per_second",
+)
+ARTIFACTS = (
+    "config/resolved.yaml",
+    "plots/learning_curves.png",
+    "plots/confusion_matrix.png",
+    "plots/misclassified.png",
+    "per_class_accuracy.csv",
+    "checkpoints/best.pt",
+    "environment/requirements.txt",
+)
 
 
 def predicted_classes(prediction) -> np.ndarray:
@@ -35,10 +48,27 @@ def test_mlflow_run_train_tracks_and_registers(tiny_cifar, tmp_path):
     make_experiment(tmp_path, "e2e")
     overrides = " ".join(tiny_overrides(tiny_cifar, tmp_path))
     result = subprocess.run(
-        [str(sys.executable.rsplit("/", 1)[0] + "/mlflow"), "run", ".", "-e", "train",
-         "--env-manager", "local", "--experiment-name", "e2e",
-         "-P", "epochs=2", "-P", f"overrides={overrides}"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        [
+            str(sys.executable.rsplit("/", 1)[0] + "/mlflow"),
+            "run",
+            ".",
+            "-e",
+            "train",
+            "--env-manager",
+            "local",
+            "--experiment-name",
+            "e2e",
+            "-P",
+            "epochs=2",
+            "-P",
+            f"overrides={overrides}",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
@@ -68,7 +98,9 @@ def test_mlflow_run_train_tracks_and_registers(tiny_cifar, tmp_path):
     assert dataset_input.dataset.name == "cifar10" and len(dataset_input.dataset.digest) == 8
     assert {t.key: t.value for t in dataset_input.tags}["train_images"] == "150"
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
-    requirements = mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/environment/requirements.txt")
+    requirements = mlflow.artifacts.load_text(
+        f"runs:/{run.info.run_id}/environment/requirements.txt"
+    )
     assert "\ntorch==" in requirements and "\nmlflow==3.17.2" in requirements
 
     [version] = client.search_model_versions("name='tiny-cifar'")
@@ -76,7 +108,9 @@ def test_mlflow_run_train_tracks_and_registers(tiny_cifar, tmp_path):
     assert "recipe=fast model=resnet_small" in version.description
     assert run.info.run_id in version.description
     assert float(version.tags["test_acc"]) == pytest.approx(run.data.metrics["test_acc"], abs=1e-4)
-    assert float(version.tags["val_acc"]) == pytest.approx(run.data.metrics["best_val_acc"], abs=1e-4)
+    assert float(version.tags["val_acc"]) == pytest.approx(
+        run.data.metrics["best_val_acc"], abs=1e-4
+    )
 
     # The registered model predicts what the best checkpoint predicts.
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
@@ -115,22 +149,30 @@ def _corrupt_copy(tiny, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case, extra, message", [
-    ("missing data", {"data.root": "{tmp}/nowhere"}, "CIFAR10_ROOT"),
-    ("corrupt batch", {"data.root": "{corrupt}"}, "data_batch_3"),
-    ("unknown model name", {"model.name": "resnet1000"}, "unknown model"),
-    ("over 5M parameters", {"model": "wide_resnet", "model.kwargs.widen_factor": 8},
-     "over the limit"),
-    ("zero epochs", {"train.epochs": 0}, "train.epochs must be a positive integer"),
-    ("negative epochs", {"train.epochs": -2}, "train.epochs must be a positive integer"),
-])
-def test_bad_input_is_one_clear_line_and_nothing_is_logged(tiny_cifar, tmp_path, case, extra,
-                                                            message):
+@pytest.mark.parametrize(
+    "case, extra, message",
+    [
+        ("missing data", {"data.root": "{tmp}/nowhere"}, "CIFAR10_ROOT"),
+        ("corrupt batch", {"data.root": "{corrupt}"}, "data_batch_3"),
+        ("unknown model name", {"model.name": "resnet1000"}, "unknown model"),
+        (
+            "over 5M parameters",
+            {"model": "wide_resnet", "model.kwargs.widen_factor": 8},
+            "over the limit",
+        ),
+        ("zero epochs", {"train.epochs": 0}, "train.epochs must be a positive integer"),
+        ("negative epochs", {"train.epochs": -2}, "train.epochs must be a positive integer"),
+    ],
+)
+def test_bad_input_is_one_clear_line_and_nothing_is_logged(
+    tiny_cifar, tmp_path, case, extra, message
+):
     env = stage_env(tmp_path)
     corrupt = _corrupt_copy(tiny_cifar, tmp_path) if case == "corrupt batch" else None
     extra = {k: str(v).format(tmp=tmp_path, corrupt=corrupt) for k, v in extra.items()}
-    result = run_module("cifar_resnet.stages.train", tiny_overrides(tiny_cifar, tmp_path, **extra),
-                        env, timeout=120)
+    result = run_module(
+        "cifar_resnet.stages.train", tiny_overrides(tiny_cifar, tmp_path, **extra), env, timeout=120
+    )
     assert result.returncode != 0
     error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(error_lines) == 1 and message in error_lines[0], result.stderr[-2000:]
@@ -141,12 +183,16 @@ def test_bad_input_is_one_clear_line_and_nothing_is_logged(tiny_cifar, tmp_path,
 
 
 def test_unknown_model_group_fails_with_the_known_names(tiny_cifar, tmp_path):
-    result = run_module("cifar_resnet.stages.train",
-                        tiny_overrides(tiny_cifar, tmp_path, model="nope"), stage_env(tmp_path),
-                        timeout=120)
+    result = run_module(
+        "cifar_resnet.stages.train",
+        tiny_overrides(tiny_cifar, tmp_path, model="nope"),
+        stage_env(tmp_path),
+        timeout=120,
+    )
     # model= is also the MLproject parameter, checked before Hydra composes anything.
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "'nope'" in result.stderr and "seed_resnet" in result.stderr
+
 
 @pytest.mark.cifar
 @pytest.mark.slow
@@ -154,10 +200,19 @@ def test_two_short_epochs_on_real_cifar(cifar_root, tmp_path):
     env = stage_env(tmp_path)
     make_experiment(tmp_path, "tests")
     args = [
-        "~recipe", f"data.root={cifar_root}", "data.train_subset=2000", "data.val_size=500",
-        "data.num_workers=0", "model=resnet_small", "train.epochs=2", "train.batch_size=128",
-        "train.progress=false", f"train.checkpoint_dir={tmp_path}/checkpoints",
-        "experiment_name=tests", "registry.register=false"]
+        "~recipe",
+        f"data.root={cifar_root}",
+        "data.train_subset=2000",
+        "data.val_size=500",
+        "data.num_workers=0",
+        "model=resnet_small",
+        "train.epochs=2",
+        "train.batch_size=128",
+        "train.progress=false",
+        f"train.checkpoint_dir={tmp_path}/checkpoints",
+        "experiment_name=tests",
+        "registry.register=false",
+    ]
     result = run_module("cifar_resnet.stages.train", args, env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     [run_id] = _run_ids(tmp_path)

@@ -12,8 +12,9 @@ from cifar_resnet import tta
 from cifar_resnet.batch_augment import translate
 
 
-@pytest.mark.parametrize("name, count", [("identity", 1), ("flip", 2), ("flip_shift", 6),
-                                         ("seed", 5)])
+@pytest.mark.parametrize(
+    "name, count", [("identity", 1), ("flip", 2), ("flip_shift", 6), ("seed", 5)]
+)
 @pytest.mark.parametrize("dtype", [torch.uint8, torch.float32])
 def test_tta_view_sets(name, count, dtype):
     batch = torch.randint(0, 256, (4, 3, 32, 32)).to(dtype)
@@ -24,12 +25,14 @@ def test_tta_view_sets(name, count, dtype):
         assert out.shape == batch.shape and out.dtype == dtype
     assert torch.equal(views[0](batch), batch)
     if count > 1:
-        assert torch.equal(views[1 if name != "flip_shift" else 3](batch),
-                           torch.flip(batch, dims=[3]))
+        assert torch.equal(
+            views[1 if name != "flip_shift" else 3](batch), torch.flip(batch, dims=[3])
+        )
     # No view of a set repeats another: each one adds a different look at the images.
     outputs = [view(batch) for view in views]
-    assert all(not torch.equal(outputs[i], outputs[j])
-               for i in range(count) for j in range(i + 1, count))
+    assert all(
+        not torch.equal(outputs[i], outputs[j]) for i in range(count) for j in range(i + 1, count)
+    )
 
 
 def test_none_is_identity():
@@ -42,10 +45,12 @@ def test_tta_views_do_what_they_say():
     # shift_dr moves the content one pixel down and right.
     assert torch.equal(views["shift_dr"](batch)[:, :, 1:, 1:], batch[:, :, :-1, :-1])
     assert torch.equal(views["shift_ul"](batch)[:, :, :-1, :-1], batch[:, :, 1:, 1:])
-    assert torch.equal(views["hflip_shift_dr"](batch),
-                       translate(batch.flip(3), torch.tensor([[-1, -1]])))
-    assert torch.equal(views["hflip_shift_ul"](batch),
-                       translate(batch.flip(3), torch.tensor([[1, 1]])))
+    assert torch.equal(
+        views["hflip_shift_dr"](batch), translate(batch.flip(3), torch.tensor([[-1, -1]]))
+    )
+    assert torch.equal(
+        views["hflip_shift_ul"](batch), translate(batch.flip(3), torch.tensor([[1, 1]]))
+    )
     identity, hflip, blur, brighter, contrast = tta.tta_views("seed")
     flat = torch.full((1, 3, 8, 8), 100, dtype=torch.uint8)
     assert torch.equal(blur(flat), flat)  # a blur keeps a flat image
@@ -84,10 +89,13 @@ def test_metric_names_carry_the_view_set():
 
 
 def test_importing_tta_loads_no_other_project_module_and_only_torch():
-    code = ("import sys; before = set(sys.modules); import cifar_resnet.tta; "
-            "print(' '.join(sorted(set(sys.modules) - before)))")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            timeout=120)
+    code = (
+        "import sys; before = set(sys.modules); import cifar_resnet.tta; "
+        "print(' '.join(sorted(set(sys.modules) - before)))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     loaded = result.stdout.split()
     assert "cifar_resnet.tta" in loaded and "torch" in loaded

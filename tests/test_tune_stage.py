@@ -12,10 +12,10 @@ import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
+from stage_utils import BIN, REPO, make_experiment, run_module, stage_env, tiny_overrides
 
 from cifar_resnet.config import ConfigError
 from cifar_resnet.tuning import parse_space, with_values
-from stage_utils import BIN, REPO, make_experiment, run_module, stage_env, tiny_overrides
 
 # The regime these margins were measured in: train.yaml's own, without the default
 # recipe's EMA and learning rate.
@@ -28,11 +28,18 @@ def tune_overrides(tiny, tmp, **extra) -> list[str]:
     """Tiny data, 16-image batches (9 steps an epoch), the seed space widened down to
     a learning rate that learns nothing, and a median pruner that may prune from
     the first epoch once one trial has completed."""
-    values = {"data.loader": "tensor", "train.batch_size": 16, "tune": "seed",
-              "tune.space.optim.lr.low": FROZEN_LR, "tune.space.optim.lr.high": 0.05,
-              "tune.pruners.median.n_startup_trials": 1, "tune.pruners.median.n_warmup_steps": 0,
-              # Heartbeats every second: a killed trial is failed 2 s after its last beat.
-              "tune.heartbeat_interval": 1, "tune.grace_period": 2}
+    values = {
+        "data.loader": "tensor",
+        "train.batch_size": 16,
+        "tune": "seed",
+        "tune.space.optim.lr.low": FROZEN_LR,
+        "tune.space.optim.lr.high": 0.05,
+        "tune.pruners.median.n_startup_trials": 1,
+        "tune.pruners.median.n_warmup_steps": 0,
+        # Heartbeats every second: a killed trial is failed 2 s after its last beat.
+        "tune.heartbeat_interval": 1,
+        "tune.grace_period": 2,
+    }
     values.update(extra)
     return [*tiny_overrides(tiny, tmp, **values), NO_RECIPE]
 
@@ -42,13 +49,17 @@ def trials(storage: str) -> list[optuna.trial.FrozenTrial]:
 
 
 def finished(storage: str) -> dict[int, tuple]:
-    return {t.number: (t.state, t.value, t.params) for t in trials(storage)
-            if t.state in (TrialState.COMPLETE, TrialState.PRUNED)}
+    return {
+        t.number: (t.state, t.value, t.params)
+        for t in trials(storage)
+        if t.state in (TrialState.COMPLETE, TrialState.PRUNED)
+    }
 
 
 def child_runs(client: MlflowClient, parent) -> dict[int, object]:
-    runs = client.search_runs([parent.info.experiment_id],
-                              f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    runs = client.search_runs(
+        [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
+    )
     return {int(r.data.tags["optuna.trial_number"]): r for r in runs}
 
 
@@ -67,58 +78,103 @@ def test_tune_prunes_records_failures_survives_a_kill_and_resumes(tiny_cifar, tm
 
     # 1. Three finished trials through `mlflow run`; the failed one does not count.
     result = subprocess.run(
-        [str(BIN / "mlflow"), "run", ".", "-e", "tune", "--env-manager", "local", "--experiment-name", "e2e",
-         "-P", "n_trials=3", "-P", "epochs=2", "-P", f"study_name={STUDY}",
-         "-P", f"storage={storage}",
-         "-P", f"overrides={' '.join(tune_overrides(tiny_cifar, tmp_path))}"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        [
+            str(BIN / "mlflow"),
+            "run",
+            ".",
+            "-e",
+            "tune",
+            "--env-manager",
+            "local",
+            "--experiment-name",
+            "e2e",
+            "-P",
+            "n_trials=3",
+            "-P",
+            "epochs=2",
+            "-P",
+            f"study_name={STUDY}",
+            "-P",
+            f"storage={storage}",
+            "-P",
+            f"overrides={' '.join(tune_overrides(tiny_cifar, tmp_path))}",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     states = [t.state for t in trials(storage)]
     assert states == [TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED, TrialState.PRUNED]
 
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
-    [parent] = client.search_runs([client.get_experiment_by_name("e2e").experiment_id],
-                                  "tags.`tune.study_name` = 'tiny-study'")
+    [parent] = client.search_runs(
+        [client.get_experiment_by_name("e2e").experiment_id],
+        "tags.`tune.study_name` = 'tiny-study'",
+    )
     metrics = parent.data.metrics
-    assert (metrics["trials_complete"], metrics["trials_pruned"], metrics["trials_failed"]) \
-        == (1, 2, 1)
+    assert (metrics["trials_complete"], metrics["trials_pruned"], metrics["trials_failed"]) == (
+        1,
+        2,
+        1,
+    )
     best = trials(storage)[0]
     assert metrics["best_val_acc"] == pytest.approx(best.value)
     assert float(parent.data.params["best.optim.lr"]) == pytest.approx(GOOD_LR)
     plots = {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
     # Importances need two complete trials: skipped, not an error.
     assert plots == {"plots/optimization_history.png"}
-    assert {"trials.csv", "best_params.json"} <= {a.path for a in client.list_artifacts(
-        parent.info.run_id)}
+    assert {"trials.csv", "best_params.json"} <= {
+        a.path for a in client.list_artifacts(parent.info.run_id)
+    }
 
     children = child_runs(client, parent)
     assert {n: (r.data.tags["optuna.state"], r.info.status) for n, r in children.items()} == {
-        0: ("complete", "FINISHED"), 1: ("failed", "FAILED"),
-        2: ("pruned", "FINISHED"), 3: ("pruned", "FINISHED")}
+        0: ("complete", "FINISHED"),
+        1: ("failed", "FAILED"),
+        2: ("pruned", "FINISHED"),
+        3: ("pruned", "FINISHED"),
+    }
     assert "NonFiniteLossError" in children[1].data.tags["failure"]
     assert float(children[0].data.params["optim.lr"]) == pytest.approx(GOOD_LR)
-    assert [m.step for m in client.get_metric_history(children[0].info.run_id, "val_acc")] \
-        == [1, 2]
+    assert [m.step for m in client.get_metric_history(children[0].info.run_id, "val_acc")] == [1, 2]
     # Trials choose hyperparameters: no test metric anywhere, and no registered model.
     assert not any(k.startswith("test_") for r in children.values() for k in r.data.metrics)
     assert client.search_registered_models() == []
     before = finished(storage)
 
     # 2. Toward 5 finished trials, killed for real inside a (long, unprunable) trial.
-    args = tune_overrides(tiny_cifar, tmp_path, **{
-        "tune.study_name": STUDY, "tune.storage": storage, "tune.n_trials": 5,
-        "tune.epochs": 40, "tune.pruner": "none"})
-    process = subprocess.Popen([sys.executable, "-m", "cifar_resnet.stages.tune", *args],
-                               cwd=REPO, env=env, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    args = tune_overrides(
+        tiny_cifar,
+        tmp_path,
+        **{
+            "tune.study_name": STUDY,
+            "tune.storage": storage,
+            "tune.n_trials": 5,
+            "tune.epochs": 40,
+            "tune.pruner": "none",
+        },
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-m", "cifar_resnet.stages.tune", *args],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     deadline = time.monotonic() + 240
     running = []
     while not running:
         assert process.poll() is None, process.stdout.read()[-3000:]
         assert time.monotonic() < deadline, "no trial reported an epoch in time"
         time.sleep(0.2)
-        running = [t for t in trials(storage)
-                   if t.state == TrialState.RUNNING and t.intermediate_values]
+        running = [
+            t for t in trials(storage) if t.state == TrialState.RUNNING and t.intermediate_values
+        ]
     process.send_signal(signal.SIGKILL)
     process.wait(timeout=30)
     process.stdout.close()
@@ -128,9 +184,11 @@ def test_tune_prunes_records_failures_survives_a_kill_and_resumes(tiny_cifar, tm
 
     # 3. Resume: only the missing trials run; the finished ones are untouched.
     time.sleep(2.5)  # past the grace period: the killed trial's heartbeat is stale
-    args = tune_overrides(tiny_cifar, tmp_path, **{
-        "tune.study_name": STUDY, "tune.storage": storage, "tune.n_trials": 5,
-        "tune.epochs": 2})
+    args = tune_overrides(
+        tiny_cifar,
+        tmp_path,
+        **{"tune.study_name": STUDY, "tune.storage": storage, "tune.n_trials": 5, "tune.epochs": 2},
+    )
     resumed = run_module("cifar_resnet.stages.tune", args, env)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert "3 finished trials, running up to 2 more" in resumed.stdout
@@ -144,18 +202,25 @@ def test_tune_prunes_records_failures_survives_a_kill_and_resumes(tiny_cifar, tm
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case, extra, message", [
-    ("empty search space", {"tune.space": "null"}, "tune.space is empty"),
-    ("unknown distribution", {"tune.space.optim.lr.type": "gaussian"},
-     "tune.space.optim.lr.type must be one of"),
-    ("storage that is not a URL", {"tune.storage": "not-a-url"}, "is not a SQLAlchemy URL"),
-])
+@pytest.mark.parametrize(
+    "case, extra, message",
+    [
+        ("empty search space", {"tune.space": "null"}, "tune.space is empty"),
+        (
+            "unknown distribution",
+            {"tune.space.optim.lr.type": "gaussian"},
+            "tune.space.optim.lr.type must be one of",
+        ),
+        ("storage that is not a URL", {"tune.storage": "not-a-url"}, "is not a SQLAlchemy URL"),
+    ],
+)
 def test_tune_bad_input_is_one_clear_line(tiny_cifar, tmp_path, case, extra, message):
     env = stage_env(tmp_path)
     make_experiment(tmp_path, "tests")
     extra = {"tune.storage": f"sqlite:///{tmp_path}/optuna.db", **extra}
-    result = run_module("cifar_resnet.stages.tune", tiny_overrides(tiny_cifar, tmp_path, **extra),
-                        env, timeout=120)
+    result = run_module(
+        "cifar_resnet.stages.tune", tiny_overrides(tiny_cifar, tmp_path, **extra), env, timeout=120
+    )
     assert result.returncode == 2
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and message in errors[0], result.stderr[-2000:]
@@ -168,12 +233,19 @@ CONFIG = {"optim": {"lr": 0.1, "weight_decay": 5e-4}, "train": {"epochs": 3}}
 
 
 def test_default_space_is_log_uniform_around_the_configs_values():
-    space = {"optim": {"lr": {"type": "float", "log": True, "factor": 10},
-                       "weight_decay": {"type": "float", "log": True, "factor": 10}}}
+    space = {
+        "optim": {
+            "lr": {"type": "float", "log": True, "factor": 10},
+            "weight_decay": {"type": "float", "log": True, "factor": 10},
+        }
+    }
     lr, wd = parse_space(space, CONFIG)
     assert (lr.key, lr.low, lr.high, lr.log) == ("optim.lr", pytest.approx(0.01), 1.0, True)
-    assert (wd.key, wd.low, wd.high) == ("optim.weight_decay", pytest.approx(5e-5),
-                                         pytest.approx(5e-3))
+    assert (wd.key, wd.low, wd.high) == (
+        "optim.weight_decay",
+        pytest.approx(5e-5),
+        pytest.approx(5e-3),
+    )
 
 
 def test_space_keys_must_exist_in_the_config():

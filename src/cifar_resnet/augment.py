@@ -10,7 +10,8 @@ default.
 from __future__ import annotations
 
 import random
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import albumentations as A
 import cv2
@@ -20,8 +21,11 @@ from albumentations.core.transforms_interface import BaseTransformInitSchema
 from .data import CIFAR10_MEAN_PIXEL
 
 __all__ = [
-    "AUGMENTATIONS", "AlbumentationsTransform", "FiveCropResize",
-    "build_train_transform", "strict_compose",
+    "AUGMENTATIONS",
+    "AlbumentationsTransform",
+    "FiveCropResize",
+    "build_train_transform",
+    "strict_compose",
 ]
 
 AUGMENTATIONS: tuple[str, ...] = ("none", "standard", "seed")
@@ -67,10 +71,14 @@ class FiveCropResize(A.ImageOnlyTransform):
     def __init__(self, size_range: tuple[int, int] = (20, 28), p: float = 0.5):
         super().__init__(p=p)
         if not 1 <= size_range[0] <= size_range[1]:
-            raise ValueError(f"size_range must be (low, high) with 1 <= low <= high, got {size_range}")
+            raise ValueError(
+                f"size_range must be (low, high) with 1 <= low <= high, got {size_range}"
+            )
         self.size_range = tuple(size_range)
 
-    def get_params_dependent_on_data(self, params: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
+    def get_params_dependent_on_data(
+        self, params: dict[str, Any], data: dict[str, Any]
+    ) -> dict[str, Any]:
         height, width = params["shape"][:2]
         side = min(self.py_random.randint(*self.size_range), height, width)
         position = self.py_random.randrange(5)  # 0-3: corners clockwise from top-left, 4: centre
@@ -81,7 +89,7 @@ class FiveCropResize(A.ImageOnlyTransform):
     def apply(self, img: np.ndarray, crop_box: tuple[int, int, int], **params: Any) -> np.ndarray:
         top, left, side = crop_box
         height, width = img.shape[:2]
-        crop = img[top:top + side, left:left + side]
+        crop = img[top : top + side, left : left + side]
         resized = cv2.resize(crop, (width, height), interpolation=cv2.INTER_AREA)
         # cv2 drops a trailing single channel.
         return resized.reshape(img.shape)
@@ -100,16 +108,26 @@ def _standard(
     transforms: list[Any] = []
     if pad:
         transforms += [
-            A.PadIfNeeded(min_height=size + 2 * pad, min_width=size + 2 * pad,
-                          position="center", border_mode=cv2.BORDER_REFLECT_101),
+            A.PadIfNeeded(
+                min_height=size + 2 * pad,
+                min_width=size + 2 * pad,
+                position="center",
+                border_mode=cv2.BORDER_REFLECT_101,
+            ),
             A.RandomCrop(height=size, width=size),
         ]
     if flip_p:
         transforms.append(A.HorizontalFlip(p=flip_p))
     if cutout_size and cutout_p:
-        transforms.append(A.CoarseDropout(
-            num_holes_range=(1, 1), hole_height_range=(cutout_size, cutout_size),
-            hole_width_range=(cutout_size, cutout_size), fill=tuple(fill), p=cutout_p))
+        transforms.append(
+            A.CoarseDropout(
+                num_holes_range=(1, 1),
+                hole_height_range=(cutout_size, cutout_size),
+                hole_width_range=(cutout_size, cutout_size),
+                fill=tuple(fill),
+                p=cutout_p,
+            )
+        )
     return transforms
 
 
@@ -132,8 +150,9 @@ def _seed(
         FiveCropResize(size_range=tuple(crop_size), p=crop_p),
         A.GaussianBlur(blur_limit=(3, 3), sigma_limit=tuple(blur_sigma), p=blur_p),
         A.ToGray(num_output_channels=3, method="weighted_average", p=gray_p),
-        A.RandomBrightnessContrast(brightness_limit=brightness, contrast_limit=contrast,
-                                   p=jitter_p),
+        A.RandomBrightnessContrast(
+            brightness_limit=brightness, contrast_limit=contrast, p=jitter_p
+        ),
     ]
 
 
@@ -141,7 +160,9 @@ _BUILDERS: dict[str, Callable[..., list[Any]]] = {"standard": _standard, "seed":
 
 
 def build_train_transform(
-    name: str, seed: int | None = None, **params: Any,
+    name: str,
+    seed: int | None = None,
+    **params: Any,
 ) -> AlbumentationsTransform | None:
     """The named training pipeline ("none" -> None). ``params`` override the
     builder's defaults (an unknown one is a TypeError); ``seed`` fixes its

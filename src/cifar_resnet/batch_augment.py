@@ -17,8 +17,8 @@ indexing is shared from there.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 from torch import Tensor
@@ -48,8 +48,9 @@ def translate(images: Tensor, shifts: Tensor) -> Tensor:
 
 def random_translate(images: Tensor, pad: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
     """(shifted images, shifts (N, 2) int64 (dy, dx) each uniform in [-pad, pad])."""
-    shifts = torch.randint(-pad, pad + 1, (len(images), 2), generator=generator,
-                           device=images.device)
+    shifts = torch.randint(
+        -pad, pad + 1, (len(images), 2), generator=generator, device=images.device
+    )
     if pad == 0:
         return images, shifts
     return translate(images, shifts), shifts
@@ -100,8 +101,9 @@ def flip_mask(
     if mode == "none":
         return torch.zeros(len(indices), dtype=torch.bool, device=indices.device)
     if mode == "random":
-        return torch.randint(0, 2, (len(indices),), generator=generator,
-                             device=indices.device).bool()
+        return torch.randint(
+            0, 2, (len(indices),), generator=generator, device=indices.device
+        ).bool()
     if mode == "alternating":
         return first_epoch_flips(indices, seed) ^ bool(epoch % 2)
     raise ValueError(f"unknown flip mode {mode!r}; choose from {', '.join(FLIP_MODES)}")
@@ -166,7 +168,9 @@ class BatchAugment:
 
     def __post_init__(self):
         if self.flip not in FLIP_MODES:
-            raise ValueError(f"unknown flip mode {self.flip!r}; choose from {', '.join(FLIP_MODES)}")
+            raise ValueError(
+                f"unknown flip mode {self.flip!r}; choose from {', '.join(FLIP_MODES)}"
+            )
         if self.crop_pad < 0 or self.cutout < 0 or not 0 <= self.cutout_p <= 1:
             raise ValueError(f"crop_pad and cutout must be >= 0 and cutout_p in [0, 1]: {self}")
         # Hydra hands in lists; a tuple keeps the dataclass hashable.

@@ -42,8 +42,9 @@ def find_files(paths: list[str]) -> list[Path]:
     for name in paths:
         path = Path(name)
         if path.is_dir():
-            files += sorted(p for p in path.rglob("*")
-                            if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            files += sorted(
+                p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+            )
         elif path.is_file():
             files.append(path)
         else:
@@ -71,8 +72,11 @@ def classify(url: str, files: list[Path], tta: str = "none", timeout: float = 12
     body = {"dataframe_split": {"columns": ["image"], "data": rows}}
     if tta != "none":
         body["params"] = {"tta": tta}
-    request = urllib.request.Request(invocations_url(url), data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        invocations_url(url),
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             return json.load(response)["predictions"]
@@ -81,7 +85,9 @@ def classify(url: str, files: list[Path], tta: str = "none", timeout: float = 12
     except urllib.error.URLError as error:
         raise ConnectionError(f"cannot reach {invocations_url(url)}: {error.reason}") from None
     except TimeoutError:
-        raise ConnectionError(f"no answer from {invocations_url(url)} within {timeout:g} s") from None
+        raise ConnectionError(
+            f"no answer from {invocations_url(url)} within {timeout:g} s"
+        ) from None
 
 
 def classify_all(url: str, files: list[Path], tta: str = "none", timeout: float = 120):
@@ -97,7 +103,7 @@ def classify_all(url: str, files: list[Path], tta: str = "none", timeout: float 
             bad = int(culprit.group(1))
             yield from classify_all(url, files[:bad], tta, timeout)
             yield files[bad], None, culprit.group(2)
-            yield from classify_all(url, files[bad + 1:], tta, timeout)
+            yield from classify_all(url, files[bad + 1 :], tta, timeout)
         elif len(files) > 1 and error.status < 500:  # e.g. over the request limit: halve it
             half = len(files) // 2
             yield from classify_all(url, files[:half], tta, timeout)
@@ -109,13 +115,19 @@ def classify_all(url: str, files: list[Path], tta: str = "none", timeout: float 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m cifar_resnet.client",
-                                     description="Classify image files with a served model.")
+    parser = argparse.ArgumentParser(
+        prog="python -m cifar_resnet.client",
+        description="Classify image files with a served model.",
+    )
     parser.add_argument("url", help="the server, e.g. http://127.0.0.1:5000")
     parser.add_argument("paths", nargs="+", metavar="FILE_OR_FOLDER")
     parser.add_argument("--batch-size", type=int, default=32, help="files per request")
-    parser.add_argument("--tta", default="none", help="test-time augmentation: none or a view set "
-                        "(identity, flip, flip_shift, seed); the server checks the name")
+    parser.add_argument(
+        "--tta",
+        default="none",
+        help="test-time augmentation: none or a view set "
+        "(identity, flip, flip_shift, seed); the server checks the name",
+    )
     parser.add_argument("--timeout", type=float, default=120, help="seconds per request")
     args = parser.parse_args(argv)
     try:
@@ -129,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     rejected = 0
     try:
         for start in range(0, len(files), max(1, args.batch_size)):
-            batch = files[start:start + max(1, args.batch_size)]
+            batch = files[start : start + max(1, args.batch_size)]
             for path, prediction, error in classify_all(args.url, batch, args.tta, args.timeout):
                 if error is not None:
                     rejected += 1

@@ -133,11 +133,14 @@ def _build(cls, section: str, values: Any):
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - known)
     if unknown:
-        raise ConfigError(f"unknown key(s) {', '.join(f'{section}.{k}' for k in unknown)}; "
-                          f"known: {', '.join(sorted(known))}")
+        raise ConfigError(
+            f"unknown key(s) {', '.join(f'{section}.{k}' for k in unknown)}; "
+            f"known: {', '.join(sorted(known))}"
+        )
     hints = _field_types(cls)
-    typed = {name: _typed(_key(section, name), value, hints[name])
-             for name, value in values.items()}
+    typed = {
+        name: _typed(_key(section, name), value, hints[name]) for name, value in values.items()
+    }
     try:
         return cls(**typed)
     except TypeError as err:  # a required key is missing
@@ -231,12 +234,19 @@ def _describe(annotation: Any) -> str:
     if dataclasses.is_dataclass(annotation):
         return f"a {annotation.__name__} mapping"
     args = typing.get_args(annotation)
-    if typing.get_origin(annotation) is dict and len(args) == 2 and \
-            typing.get_origin(args[1]) is dict:
+    if (
+        typing.get_origin(annotation) is dict
+        and len(args) == 2
+        and typing.get_origin(args[1]) is dict
+    ):
         return "a mapping of mappings"
-    return {bool: "true or false", int: "an integer", float: "a number", str: "text",
-            dict: "a mapping"}.get(typing.get_origin(annotation) or annotation,
-                                   repr(annotation))
+    return {
+        bool: "true or false",
+        int: "an integer",
+        float: "a number",
+        str: "text",
+        dict: "a mapping",
+    }.get(typing.get_origin(annotation) or annotation, repr(annotation))
 
 
 def _show(value: Any) -> str:
@@ -256,9 +266,15 @@ def train_settings(cfg: DictConfig | dict) -> TrainSettings:
     message names the key, the value and what is allowed.
     """
     values = to_container(cfg) if isinstance(cfg, DictConfig) else dict(cfg)
-    sections = {"model": ModelSettings, "data": DataSettings, "augment": AugmentSettings,
-                "optim": OptimSettings, "schedule": ScheduleSettings, "train": LoopSettings,
-                "registry": RegistrySettings}
+    sections = {
+        "model": ModelSettings,
+        "data": DataSettings,
+        "augment": AugmentSettings,
+        "optim": OptimSettings,
+        "schedule": ScheduleSettings,
+        "train": LoopSettings,
+        "registry": RegistrySettings,
+    }
     built = {name: _build(cls, name, values.pop(name, {})) for name, cls in sections.items()}
     settings = _build(TrainSettings, "top level", {**values, **built})
     validate(settings)
@@ -274,37 +290,46 @@ def validate(s: TrainSettings) -> None:
     if s.train.batch_size < 1:
         raise ConfigError(f"train.batch_size must be positive, got {s.train.batch_size}")
     if s.settings_from_run and s.data.val_size > 0:
-        raise ConfigError(f"settings_from_run={s.settings_from_run} is for a final fit on all "
-                          f"the training images (data.val_size=0); with data.val_size="
-                          f"{s.data.val_size} the run has a val_acc of its own")
+        raise ConfigError(
+            f"settings_from_run={s.settings_from_run} is for a final fit on all "
+            f"the training images (data.val_size=0); with data.val_size="
+            f"{s.data.val_size} the run has a val_acc of its own"
+        )
     if s.data.val_size < 0 or s.data.train_subset < 0 or s.data.repeats < 1:
         raise ConfigError("data.val_size and data.train_subset must be >= 0 and data.repeats >= 1")
     if s.data.loader not in ("albumentations", "tensor"):
-        raise ConfigError(f"data.loader must be 'albumentations' or 'tensor', got {s.data.loader!r}")
+        raise ConfigError(
+            f"data.loader must be 'albumentations' or 'tensor', got {s.data.loader!r}"
+        )
     if s.data.loader == "tensor" and s.augment.tensor is None:
-        raise ConfigError(f"augment={s.augment.name} has no batched version; "
-                          "use data.loader=albumentations")
+        raise ConfigError(
+            f"augment={s.augment.name} has no batched version; use data.loader=albumentations"
+        )
     _check_machine("train", s.train.device, s.train.precision)
     if s.train.tta not in TTA_VIEWS:  # else a long run would fail at its very end
-        raise ConfigError(f"train.tta must be a view set ({', '.join(TTA_VIEWS)}), "
-                          f"got {s.train.tta!r}")
+        raise ConfigError(
+            f"train.tta must be a view set ({', '.join(TTA_VIEWS)}), got {s.train.tta!r}"
+        )
     if s.train.threads < 0:
-        raise ConfigError(f"train.threads must be >= 0 (0 = every usable core), "
-                          f"got {s.train.threads}")
+        raise ConfigError(
+            f"train.threads must be >= 0 (0 = every usable core), got {s.train.threads}"
+        )
     if not 0.0 <= s.train.label_smoothing < 1.0:
         raise ConfigError(f"train.label_smoothing must be in [0, 1), got {s.train.label_smoothing}")
     if s.optim.lr <= 0 or s.optim.norm_lr_scale <= 0:
-        raise ConfigError(f"optim.lr and optim.norm_lr_scale must be positive, "
-                          f"got {s.optim.lr} and {s.optim.norm_lr_scale}")
+        raise ConfigError(
+            f"optim.lr and optim.norm_lr_scale must be positive, "
+            f"got {s.optim.lr} and {s.optim.norm_lr_scale}"
+        )
     # Ranges that torch or the loop would otherwise refuse only after the data is read.
     _require(s.model.max_params >= 1, "model.max_params", s.model.max_params, ">= 1")
     _require(s.data.num_workers >= 0, "data.num_workers", s.data.num_workers, ">= 0")
-    _require(s.train.eval_batch_size >= 1, "train.eval_batch_size", s.train.eval_batch_size,
-             ">= 1")
+    _require(s.train.eval_batch_size >= 1, "train.eval_batch_size", s.train.eval_batch_size, ">= 1")
     _require(s.train.patience >= 0, "train.patience", s.train.patience, ">= 0 (0 = off)")
     _require(s.train.grad_clip >= 0, "train.grad_clip", s.train.grad_clip, ">= 0 (0 = off)")
-    _require(0 <= s.train.ema_decay < 1, "train.ema_decay", s.train.ema_decay,
-             "in [0, 1) (0 = off)")
+    _require(
+        0 <= s.train.ema_decay < 1, "train.ema_decay", s.train.ema_decay, "in [0, 1) (0 = off)"
+    )
     o = s.optim
     _require(0 <= o.momentum <= 1, "optim.momentum", o.momentum, "in [0, 1]")
     _require(all(0 <= b < 1 for b in o.betas), "optim.betas", list(o.betas), "in [0, 1) each")
@@ -315,8 +340,12 @@ def validate(s: TrainSettings) -> None:
     _require(0 <= o.muon_momentum < 1, "optim.muon_momentum", o.muon_momentum, "in [0, 1)")
     c = s.schedule
     _require(0 <= c.pct_start <= 1, "schedule.pct_start", c.pct_start, "in [0, 1]")
-    _require(c.anneal_strategy in ("cos", "linear"), "schedule.anneal_strategy",
-             c.anneal_strategy, "'cos' or 'linear'")
+    _require(
+        c.anneal_strategy in ("cos", "linear"),
+        "schedule.anneal_strategy",
+        c.anneal_strategy,
+        "'cos' or 'linear'",
+    )
     _require(c.div_factor > 0, "schedule.div_factor", c.div_factor, "> 0")
     _require(c.final_div_factor > 0, "schedule.final_div_factor", c.final_div_factor, "> 0")
 
@@ -328,11 +357,13 @@ def _require(ok: bool, key: str, value: Any, allowed: str) -> None:
 
 def _check_machine(section: str, device: str, precision: str) -> None:
     if precision not in PRECISIONS:
-        raise ConfigError(f"{section}.precision must be one of {', '.join(PRECISIONS)}, "
-                          f"got {precision!r}")
+        raise ConfigError(
+            f"{section}.precision must be one of {', '.join(PRECISIONS)}, got {precision!r}"
+        )
     if str(device).split(":")[0] not in DEVICES:
-        raise ConfigError(f"{section}.device must be auto, cpu, cuda, cuda:N or mps, "
-                          f"got {device!r}")
+        raise ConfigError(
+            f"{section}.device must be auto, cpu, cuda, cuda:N or mps, got {device!r}"
+        )
 
 
 def flatten(values: dict, prefix: str = "") -> dict[str, Any]:
@@ -373,14 +404,17 @@ class TuneSettings:
 
     def __post_init__(self):
         if self.n_trials < 1 or self.epochs < 1 or self.max_failed_trials < 1:
-            raise ConfigError("tune.n_trials, tune.epochs and tune.max_failed_trials must be "
-                              f"positive, got {self.n_trials}, {self.epochs}, "
-                              f"{self.max_failed_trials}")
+            raise ConfigError(
+                "tune.n_trials, tune.epochs and tune.max_failed_trials must be "
+                f"positive, got {self.n_trials}, {self.epochs}, "
+                f"{self.max_failed_trials}"
+            )
         if self.timeout is not None and self.timeout <= 0:
             raise ConfigError(f"tune.timeout must be positive seconds or null, got {self.timeout}")
         if self.pruner not in PRUNERS:
-            raise ConfigError(f"tune.pruner must be one of {', '.join(PRUNERS)}, "
-                              f"got {self.pruner!r}")
+            raise ConfigError(
+                f"tune.pruner must be one of {', '.join(PRUNERS)}, got {self.pruner!r}"
+            )
         if not self.study_name or not self.storage:
             raise ConfigError("tune.study_name and tune.storage must not be empty")
         _require(self.startup_trials >= 0, "tune.startup_trials", self.startup_trials, ">= 0")
@@ -431,10 +465,19 @@ def section_settings(cls, section: str, values: Any):
 
 # Each section's dataclass, by its name in the composed configs; keys without a dot are
 # TrainSettings' own (seed, experiment_name, ...).
-SECTIONS = {"model": ModelSettings, "data": DataSettings, "augment": AugmentSettings,
-            "optim": OptimSettings, "schedule": ScheduleSettings, "train": LoopSettings,
-            "registry": RegistrySettings, "tune": TuneSettings, "finetune": FinetuneSettings,
-            "eval": EvalSettings, "promote": PromoteSettings}
+SECTIONS = {
+    "model": ModelSettings,
+    "data": DataSettings,
+    "augment": AugmentSettings,
+    "optim": OptimSettings,
+    "schedule": ScheduleSettings,
+    "train": LoopSettings,
+    "registry": RegistrySettings,
+    "tune": TuneSettings,
+    "finetune": FinetuneSettings,
+    "eval": EvalSettings,
+    "promote": PromoteSettings,
+}
 
 
 def key_type(key: str) -> type:

@@ -13,9 +13,10 @@ import math
 import os
 import random
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Protocol
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -56,11 +57,21 @@ def rng_state() -> dict:
     ``torch.load(weights_only=True)``."""
     version, mt_state, gauss = random.getstate()
     kind, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {"python": {"version": version, "state": torch.tensor(mt_state, dtype=torch.int64),
-                        "gauss": gauss},
-             "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)),
-                       "pos": pos, "has_gauss": has_gauss, "cached": cached},
-             "torch": torch.get_rng_state()}
+    state = {
+        "python": {
+            "version": version,
+            "state": torch.tensor(mt_state, dtype=torch.int64),
+            "gauss": gauss,
+        },
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": pos,
+            "has_gauss": has_gauss,
+            "cached": cached,
+        },
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -69,8 +80,15 @@ def rng_state() -> dict:
 def set_rng_state(state: dict) -> None:
     py, nps = state["python"], state["numpy"]
     random.setstate((py["version"], tuple(py["state"].tolist()), py["gauss"]))
-    np.random.set_state((nps["kind"], nps["keys"].numpy().astype(np.uint32), nps["pos"],
-                         nps["has_gauss"], nps["cached"]))
+    np.random.set_state(
+        (
+            nps["kind"],
+            nps["keys"].numpy().astype(np.uint32),
+            nps["pos"],
+            nps["has_gauss"],
+            nps["cached"],
+        )
+    )
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -114,8 +132,15 @@ def train_one_epoch(
     correct = torch.zeros((), device=device, dtype=torch.int64)
     seen = 0
     start = time.perf_counter()
-    bar = tqdm(total=_num_images(batches), desc=progress, unit="img", unit_scale=True,
-               leave=False, dynamic_ncols=True, disable=progress is None)
+    bar = tqdm(
+        total=_num_images(batches),
+        desc=progress,
+        unit="img",
+        unit_scale=True,
+        leave=False,
+        dynamic_ncols=True,
+        disable=progress is None,
+    )
     for images, labels in batches:
         images = images.to(device, non_blocking=True).contiguous(memory_format=memory_format)
         labels = labels.to(device, non_blocking=True)
@@ -166,7 +191,7 @@ def image_batches(images: np.ndarray | torch.Tensor, batch_size: int):
     """Yield uint8 NCHW tensors from uint8 NHWC images without copying the whole set."""
     images = torch.as_tensor(images)
     for start in range(0, len(images), batch_size):
-        yield images[start:start + batch_size].permute(0, 3, 1, 2)
+        yield images[start : start + batch_size].permute(0, 3, 1, 2)
 
 
 @torch.inference_mode()
@@ -208,8 +233,9 @@ def evaluate(
     views=None,
 ) -> tuple[float, float, torch.Tensor]:
     """(cross-entropy loss, accuracy, logits) on a labelled set."""
-    logits = predict_logits(model, images, device, batch_size=batch_size, amp_dtype=amp_dtype,
-                            views=views)
+    logits = predict_logits(
+        model, images, device, batch_size=batch_size, amp_dtype=amp_dtype, views=views
+    )
     targets = torch.as_tensor(labels, dtype=torch.int64)
     loss = F.cross_entropy(logits, targets).item()
     acc = (logits.argmax(1) == targets).float().mean().item()
@@ -319,17 +345,37 @@ def fit(
         lr = parts.optimizer.param_groups[0]["lr"]
         desc = f"epoch {epoch}/{epochs}" if progress else None
         result = train_one_epoch(
-            train_model, train_batches(epoch), parts.optimizer, parts.scheduler, device,
-            label_smoothing=label_smoothing, amp_dtype=amp_dtype, scaler=parts.scaler,
-            lookahead=parts.lookahead, ema=parts.ema, grad_clip=grad_clip,
-            channels_last=channels_last, progress=desc)
-        metrics = {"train_loss": result.loss, "train_acc": result.acc, "lr": lr,
-                   "epoch_seconds": result.seconds,
-                   "images_per_second": result.images_per_second}
+            train_model,
+            train_batches(epoch),
+            parts.optimizer,
+            parts.scheduler,
+            device,
+            label_smoothing=label_smoothing,
+            amp_dtype=amp_dtype,
+            scaler=parts.scaler,
+            lookahead=parts.lookahead,
+            ema=parts.ema,
+            grad_clip=grad_clip,
+            channels_last=channels_last,
+            progress=desc,
+        )
+        metrics = {
+            "train_loss": result.loss,
+            "train_acc": result.acc,
+            "lr": lr,
+            "epoch_seconds": result.seconds,
+            "images_per_second": result.images_per_second,
+        }
         val_acc = -1.0
         if len(val_labels):
-            val_loss, val_acc, _ = evaluate(parts.eval_model(), val_images, val_labels, device,
-                                            batch_size=eval_batch_size, amp_dtype=amp_dtype)
+            val_loss, val_acc, _ = evaluate(
+                parts.eval_model(),
+                val_images,
+                val_labels,
+                device,
+                batch_size=eval_batch_size,
+                amp_dtype=amp_dtype,
+            )
             metrics.update(val_loss=val_loss, val_acc=val_acc)
         state.epoch = epoch
         state.history.append(metrics)
@@ -359,7 +405,12 @@ def unlogged_epochs(state: TrainState, last_logged_epoch: int) -> list[tuple[int
 
 
 def _summary_line(epoch: int, epochs: int, m: dict, improved: bool) -> str:
-    val = (f" | val loss {m['val_loss']:.4f} acc {m['val_acc']:.4f}{' *' if improved else ''}"
-           if "val_acc" in m else "")
-    return (f"epoch {epoch:>3}/{epochs} | train loss {m['train_loss']:.4f} acc {m['train_acc']:.4f}"
-            f"{val} | lr {m['lr']:.3g} | {m['epoch_seconds']:.1f}s {m['images_per_second']:.0f} img/s")
+    val = (
+        f" | val loss {m['val_loss']:.4f} acc {m['val_acc']:.4f}{' *' if improved else ''}"
+        if "val_acc" in m
+        else ""
+    )
+    return (
+        f"epoch {epoch:>3}/{epochs} | train loss {m['train_loss']:.4f} acc {m['train_acc']:.4f}"
+        f"{val} | lr {m['lr']:.3g} | {m['epoch_seconds']:.1f}s {m['images_per_second']:.0f} img/s"
+    )

@@ -34,16 +34,22 @@ def load_resume_checkpoint(checkpoint_dir: str | Path, run_id: str) -> dict:
     if status is None:
         raise ConfigError(f"resume={run_id}: no such MLflow run in {tracking.tracking_uri()}")
     if status == "FINISHED":
-        raise ConfigError(f"resume={run_id}: that run finished; there is nothing to resume "
-                          "(train a new run, or finetune its registered version)")
+        raise ConfigError(
+            f"resume={run_id}: that run finished; there is nothing to resume "
+            "(train a new run, or finetune its registered version)"
+        )
     path = Path(checkpoint_dir) / run_id / "last.pt"
     if not path.is_file():
-        raise ConfigError(f"resume={run_id}: no checkpoint at {path} "
-                          "(train.checkpoint_dir must match the original run's)")
+        raise ConfigError(
+            f"resume={run_id}: no checkpoint at {path} "
+            "(train.checkpoint_dir must match the original run's)"
+        )
     checkpoint = engine.load_checkpoint(path)
     if checkpoint.get("version") != CHECKPOINT_VERSION:
-        raise ConfigError(f"resume={run_id}: {path} is a version {checkpoint.get('version')} "
-                          f"checkpoint; this code resumes version {CHECKPOINT_VERSION} only")
+        raise ConfigError(
+            f"resume={run_id}: {path} is a version {checkpoint.get('version')} "
+            f"checkpoint; this code resumes version {CHECKPOINT_VERSION} only"
+        )
     return checkpoint
 
 
@@ -53,17 +59,23 @@ def check_same_machine(checkpoint: dict, settings: TrainSettings, device: torch.
     started = checkpoint["machine"]
     now = {"device": device.type, "precision": settings.train.precision}
     if started != now:
-        raise ConfigError(f"resume: the run started on {started['device']} in "
-                          f"{started['precision']}, this machine resolves to {now['device']} in "
-                          f"{now['precision']}; resume it where it started")
+        raise ConfigError(
+            f"resume: the run started on {started['device']} in "
+            f"{started['precision']}, this machine resolves to {now['device']} in "
+            f"{now['precision']}; resume it where it started"
+        )
 
 
-def train_and_register(settings: TrainSettings, config: dict, *,
-                       resume_checkpoint: dict | None = None,
-                       resume_run_id: str | None = None,
-                       initial_state_dict: dict | None = None,
-                       extra_tags: dict[str, str] | None = None,
-                       requested_recipe: str | None = None) -> dict:
+def train_and_register(
+    settings: TrainSettings,
+    config: dict,
+    *,
+    resume_checkpoint: dict | None = None,
+    resume_run_id: str | None = None,
+    initial_state_dict: dict | None = None,
+    extra_tags: dict[str, str] | None = None,
+    requested_recipe: str | None = None,
+) -> dict:
     """Train ``settings`` (``config`` is its resolved, untyped form, logged as params),
     read the test set once, log the reports and register the chosen weights.
 
@@ -73,33 +85,43 @@ def train_and_register(settings: TrainSettings, config: dict, *,
     Returns the summary metrics. Raises ConfigError/DataError before any run exists.
     """
     if settings.settings_from_run:  # looked up before any data is read
-        extra_tags = {**(extra_tags or {}),
-                      **tracking.settings_source_tags(str(settings.settings_from_run))}
+        extra_tags = {
+            **(extra_tags or {}),
+            **tracking.settings_source_tags(str(settings.settings_from_run)),
+        }
     requested_precision = settings.train.precision
     settings, device = pipeline.prepare_machine(settings)
     if resume_checkpoint is not None:
         check_same_machine(resume_checkpoint, settings, device)
     if requested_recipe:
         print(f"recipe {requested_recipe} -> {settings.recipe} (device {device})", flush=True)
-    print(f"device {device}: {hardware.describe(device)}; precision {requested_precision} -> "
-          f"{settings.train.precision}", flush=True)
+    print(
+        f"device {device}: {hardware.describe(device)}; precision {requested_precision} -> "
+        f"{settings.train.precision}",
+        flush=True,
+    )
     splits = pipeline.load_data(settings.data)
     run = training.prepare(settings, splits, device, initial_state_dict=initial_state_dict)
-    warning = pipeline.long_run_warning(settings, len(splits.train_labels), run.parts.model,
-                                        device)
+    warning = pipeline.long_run_warning(settings, len(splits.train_labels), run.parts.model, device)
     if warning:
         print(warning, file=sys.stderr, flush=True)
 
     previous_handler = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
-        with tracking.training_run(settings.experiment_name, resume_run_id,
-                                   tags=extra_tags, system_metrics=True) as mlflow_run:
+        with tracking.training_run(
+            settings.experiment_name, resume_run_id, tags=extra_tags, system_metrics=True
+        ) as mlflow_run:
             try:
-                return _tracked(run, config, mlflow_run.info, resume_checkpoint, extra_tags,
-                                requested_recipe)
+                return _tracked(
+                    run, config, mlflow_run.info, resume_checkpoint, extra_tags, requested_recipe
+                )
             except Terminated:
-                print("terminated: the run is marked KILLED; continue it with "
-                      f"resume={mlflow_run.info.run_id}", file=sys.stderr, flush=True)
+                print(
+                    "terminated: the run is marked KILLED; continue it with "
+                    f"resume={mlflow_run.info.run_id}",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 raise
     except Terminated:
         raise SystemExit(128 + signal.SIGTERM) from None
@@ -111,8 +133,14 @@ def _raise_terminated(signum, frame) -> None:
     raise Terminated()
 
 
-def _tracked(run: training.Training, config: dict, info, resume_checkpoint: dict | None,
-             extra_tags: dict | None, requested_recipe: str | None) -> dict:
+def _tracked(
+    run: training.Training,
+    config: dict,
+    info,
+    resume_checkpoint: dict | None,
+    extra_tags: dict | None,
+    requested_recipe: str | None,
+) -> dict:
     settings, splits, device = run.settings, run.splits, run.device
     run_id = info.run_id
     print(f"MLflow run {run_id} (experiment {info.experiment_id})", flush=True)
@@ -123,16 +151,28 @@ def _tracked(run: training.Training, config: dict, info, resume_checkpoint: dict
             params["requested_recipe"] = requested_recipe
         tracking.log_config(config, params)
         tracking.log_environment()
-        tracking.log_dataset(splits.md5, len(splits.train_labels), len(splits.val_labels),
-                             len(splits.test_labels), settings.data.split_seed)
+        tracking.log_dataset(
+            splits.md5,
+            len(splits.train_labels),
+            len(splits.val_labels),
+            len(splits.test_labels),
+            settings.data.split_seed,
+        )
     checkpoint_dir = Path(settings.train.checkpoint_dir) / run_id
     machine = {"device": device.type, "precision": settings.train.precision}
     if resume_checkpoint is not None:
         print(f"resumed after epoch {resume_checkpoint['state']['epoch']}", flush=True)
-    state = training.fit(run, resume=resume_checkpoint, logger=logger,
-                         checkpoint_dir=checkpoint_dir,
-                         checkpoint_extra={"config": tracking.dump_config(config),
-                                           "version": CHECKPOINT_VERSION, "machine": machine})
+    state = training.fit(
+        run,
+        resume=resume_checkpoint,
+        logger=logger,
+        checkpoint_dir=checkpoint_dir,
+        checkpoint_extra={
+            "config": tracking.dump_config(config),
+            "version": CHECKPOINT_VERSION,
+            "machine": machine,
+        },
+    )
 
     # The chosen checkpoint is the best on validation; the test set is read once, here.
     tested, logits = training.test_once(run, checkpoint_dir)
@@ -141,47 +181,70 @@ def _tracked(run: training.Training, config: dict, info, resume_checkpoint: dict
     if has_val:
         summary["best_val_acc"] = state.best_val_acc
     tracking.log_metrics(summary)
-    print(" | ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
-                     for k, v in summary.items()), flush=True)
+    print(
+        " | ".join(
+            f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items()
+        ),
+        flush=True,
+    )
 
     log_reports(state, splits, logits.argmax(1).numpy())
     tracking.log_files([checkpoint_dir / "best.pt"], "checkpoints")
-    weights = save_weights(checkpoint_dir / "weights.pt", run.parts.eval_model(),
-                           settings.model.name, settings.model.kwargs,
-                           list(data.CIFAR10_CLASSES))
+    weights = save_weights(
+        checkpoint_dir / "weights.pt",
+        run.parts.eval_model(),
+        settings.model.name,
+        settings.model.kwargs,
+        list(data.CIFAR10_CLASSES),
+    )
     model_info = tracking.log_classifier(weights, splits.test_images[:2])
     if settings.registry.register:
-        tags = {"test_acc": f"{summary['test_acc']:.4f}", "run_id": run_id,
-                "model": settings.model.name, "parameters": run.parameters,
-                "epochs": state.epoch, "recipe": settings.recipe, **(extra_tags or {})}
+        tags = {
+            "test_acc": f"{summary['test_acc']:.4f}",
+            "run_id": run_id,
+            "model": settings.model.name,
+            "parameters": run.parameters,
+            "epochs": state.epoch,
+            "recipe": settings.recipe,
+            **(extra_tags or {}),
+        }
         if has_val:
             tags["val_acc"] = f"{state.best_val_acc:.4f}"
         tags.update({k: f"{v:.4f}" for k, v in tested.items() if k.startswith("test_acc_tta")})
-        version = tracking.register_model(model_info.model_uri, settings.registry.model_name,
-                                          tags=tags, description=version_description(
-                                              settings, summary, run_id, run.parameters))
-        print(f"registered {settings.registry.model_name} version {version.version}",
-              flush=True)
+        version = tracking.register_model(
+            model_info.model_uri,
+            settings.registry.model_name,
+            tags=tags,
+            description=version_description(settings, summary, run_id, run.parameters),
+        )
+        print(f"registered {settings.registry.model_name} version {version.version}", flush=True)
     return summary
 
 
-def version_description(settings: TrainSettings, summary: dict, run_id: str,
-                        parameters: int) -> str:
+def version_description(
+    settings: TrainSettings, summary: dict, run_id: str, parameters: int
+) -> str:
     """What a registered version is, in a line or two: recipe, network, data, accuracy."""
-    val = (f"val_acc {summary['best_val_acc']:.4f} (epoch {summary['chosen_epoch']}), "
-           if "best_val_acc" in summary else "no validation split (last epoch taken), ")
+    val = (
+        f"val_acc {summary['best_val_acc']:.4f} (epoch {summary['chosen_epoch']}), "
+        if "best_val_acc" in summary
+        else "no validation split (last epoch taken), "
+    )
     tta = "".join(f", {k} {v:.4f}" for k, v in summary.items() if k.startswith("test_acc_tta"))
-    return (f"recipe={settings.recipe} model={settings.model.name} ({parameters:,} parameters), "
-            f"{summary['epochs_trained']} epochs, seed {settings.seed}, precision "
-            f"{settings.train.precision}: {val}test_acc {summary['test_acc']:.4f}{tta}. "
-            f"Source run {run_id}.")
+    return (
+        f"recipe={settings.recipe} model={settings.model.name} ({parameters:,} parameters), "
+        f"{summary['epochs_trained']} epochs, seed {settings.seed}, precision "
+        f"{settings.train.precision}: {val}test_acc {summary['test_acc']:.4f}{tta}. "
+        f"Source run {run_id}."
+    )
 
 
 def run_params(run: training.Training, device: torch.device) -> dict:
     return {
         "parameters": run.parameters,
         **pipeline.machine_params(run.settings, device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
+        "device_name": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
         else tracking.processor_name(),
         "torch_version": torch.__version__,
         "cuda_version": torch.version.cuda or "none",
@@ -192,13 +255,15 @@ def run_params(run: training.Training, device: torch.device) -> dict:
     }
 
 
-def log_reports(state: engine.TrainState, splits: data.CifarSplits,
-                predictions: np.ndarray) -> None:
+def log_reports(
+    state: engine.TrainState, splits: data.CifarSplits, predictions: np.ndarray
+) -> None:
     names = list(data.CIFAR10_CLASSES)
     matrix = plots.confusion_matrix(splits.test_labels, predictions, len(names))
     tracking.log_figure(plots.learning_curves(state.history), "plots/learning_curves.png")
     tracking.log_figure(plots.confusion_figure(matrix, names), "plots/confusion_matrix.png")
-    tracking.log_figure(plots.misclassified_grid(splits.test_images, splits.test_labels,
-                                                 predictions, names),
-                        "plots/misclassified.png")
+    tracking.log_figure(
+        plots.misclassified_grid(splits.test_images, splits.test_labels, predictions, names),
+        "plots/misclassified.png",
+    )
     tracking.log_text(plots.per_class_accuracy_csv(matrix, names), "per_class_accuracy.csv")

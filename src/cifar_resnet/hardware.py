@@ -13,7 +13,7 @@ Imports only torch, so that serving may use it too.
 from __future__ import annotations
 
 import os
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -22,12 +22,20 @@ DEVICES = ("auto", "cpu", "cuda", "mps")
 
 # oneDNN ISA caps (ONEDNN_MAX_CPU_ISA) under which it has bf16 instructions; a lower cap
 # (AVX2, AVX512_CORE, ...) makes oneDNN emulate bf16 whatever the CPU flags say.
-_ONEDNN_BF16_ISAS = ("AVX512_CORE_BF16", "AVX512_CORE_AMX", "AVX512_CORE_AMX_FP16",
-                     "AVX10_1_512_AMX", "AVX10_1_512_AMX_FP16", "AVX10_2_512_AMX_2", "ALL")
+_ONEDNN_BF16_ISAS = (
+    "AVX512_CORE_BF16",
+    "AVX512_CORE_AMX",
+    "AVX512_CORE_AMX_FP16",
+    "AVX10_1_512_AMX",
+    "AVX10_1_512_AMX_FP16",
+    "AVX10_2_512_AMX_2",
+    "ALL",
+)
 
 
-def resolve_device(name: str = "auto", *, cuda: bool | None = None,
-                   mps: bool | None = None) -> torch.device:
+def resolve_device(
+    name: str = "auto", *, cuda: bool | None = None, mps: bool | None = None
+) -> torch.device:
     """``auto`` -> cuda, else mps (Apple silicon), else cpu; any other name as given.
 
     ``cuda``/``mps`` override what PyTorch reports (for tests). Raises ValueError
@@ -37,8 +45,9 @@ def resolve_device(name: str = "auto", *, cuda: bool | None = None,
         try:
             return torch.device(name)
         except RuntimeError as err:
-            raise ValueError(f"unknown device {name!r}; choose auto, cpu, cuda, cuda:N or mps "
-                             f"({err})") from None
+            raise ValueError(
+                f"unknown device {name!r}; choose auto, cpu, cuda, cuda:N or mps ({err})"
+            ) from None
     cuda = torch.cuda.is_available() if cuda is None else cuda
     if cuda:
         return torch.device("cuda")
@@ -73,9 +82,13 @@ def cuda_bf16_is_native(device: torch.device) -> bool:
     return torch.cuda.get_device_capability(device) >= (8, 0)
 
 
-def resolve_precision(requested: str, device: torch.device, *,
-                      native_bf16: bool | None = None,
-                      measure: Callable[[torch.dtype | None], float] | None = None) -> str:
+def resolve_precision(
+    requested: str,
+    device: torch.device,
+    *,
+    native_bf16: bool | None = None,
+    measure: Callable[[torch.dtype | None], float] | None = None,
+) -> str:
     """The precision a run uses: ``requested`` unless it is ``auto``.
 
     ``auto`` is ``bf16`` where ``device`` computes bf16 natively; otherwise ``fp32`` on
@@ -87,8 +100,7 @@ def resolve_precision(requested: str, device: torch.device, *,
     an unknown name.
     """
     if requested not in PRECISIONS:
-        raise ValueError(f"unknown precision {requested!r}; choose one of: "
-                         f"{', '.join(PRECISIONS)}")
+        raise ValueError(f"unknown precision {requested!r}; choose one of: {', '.join(PRECISIONS)}")
     if requested != "auto":
         return requested
     if native_bf16 is None:
@@ -109,8 +121,9 @@ def autocast_dtype(precision: str) -> torch.dtype | None:
     """The autocast dtype of a resolved precision: None for fp32 (no autocast)."""
     dtypes = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
     if precision not in dtypes:
-        raise ValueError(f"precision must be resolved to one of {', '.join(dtypes)} first, "
-                         f"got {precision!r}")
+        raise ValueError(
+            f"precision must be resolved to one of {', '.join(dtypes)} first, got {precision!r}"
+        )
     return dtypes[precision]
 
 

@@ -40,25 +40,48 @@ def build_optimizer(
     if params and isinstance(params[0], dict):
         params = [{**group, "lr": lr * group.get("lr_scale", 1.0)} for group in params]
     if name == "muon":
-        if not (params and isinstance(params[0], dict)
-                and any(group.get("orthogonal") for group in params)):
-            raise ValueError("optim.name=muon needs parameter groups with the filters marked "
-                             "orthogonal (param_groups(..., orthogonal_filters=True))")
+        if not (
+            params
+            and isinstance(params[0], dict)
+            and any(group.get("orthogonal") for group in params)
+        ):
+            raise ValueError(
+                "optim.name=muon needs parameter groups with the filters marked "
+                "orthogonal (param_groups(..., orthogonal_filters=True))"
+            )
         # No weight decay to set: Muon holds these filters at a fixed norm instead.
-        params = [{**group, "lr": muon_lr, "momentum": muon_momentum}
-                  if group.get("orthogonal") else group for group in params]
-        return Muon(params, lr=lr, momentum=momentum, nesterov=nesterov,
-                    weight_decay=weight_decay, ns_dtype=muon_dtype)
+        params = [
+            {**group, "lr": muon_lr, "momentum": muon_momentum}
+            if group.get("orthogonal")
+            else group
+            for group in params
+        ]
+        return Muon(
+            params,
+            lr=lr,
+            momentum=momentum,
+            nesterov=nesterov,
+            weight_decay=weight_decay,
+            ns_dtype=muon_dtype,
+        )
     # foreach keeps the parameter update at a handful of kernel launches per step.
     if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=nesterov,
-                               weight_decay=weight_decay, foreach=True)
+        return torch.optim.SGD(
+            params,
+            lr=lr,
+            momentum=momentum,
+            nesterov=nesterov,
+            weight_decay=weight_decay,
+            foreach=True,
+        )
     if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, betas=tuple(betas), weight_decay=weight_decay,
-                                 foreach=True)
+        return torch.optim.AdamW(
+            params, lr=lr, betas=tuple(betas), weight_decay=weight_decay, foreach=True
+        )
     if name == "adam":
-        return torch.optim.Adam(params, lr=lr, betas=tuple(betas), weight_decay=weight_decay,
-                                foreach=True)
+        return torch.optim.Adam(
+            params, lr=lr, betas=tuple(betas), weight_decay=weight_decay, foreach=True
+        )
     raise ValueError(f"unknown optimizer {name!r}; choose one of: sgd, muon, adamw, adam")
 
 
@@ -67,8 +90,9 @@ def build_optimizer(
 NEWTON_SCHULZ_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 
 
-def orthogonalise(matrix: torch.Tensor, steps: int = 3, eps: float = 1e-7,
-                  dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+def orthogonalise(
+    matrix: torch.Tensor, steps: int = 3, eps: float = 1e-7, dtype: torch.dtype = torch.bfloat16
+) -> torch.Tensor:
     """Approximately U V^T for matrix = U S V^T (2-D, any float dtype), by a
     Newton-Schulz iteration computed in ``dtype``; returned in ``matrix``'s dtype.
 
@@ -103,14 +127,29 @@ class Muon(torch.optim.Optimizer):
     gradient, then momentum, Nesterov if set).
     """
 
-    def __init__(self, params, lr: float, momentum: float = 0.9, nesterov: bool = True,
-                 weight_decay: float = 0.0, ns_steps: int = 3,
-                 ns_dtype: torch.dtype = torch.bfloat16):
+    def __init__(
+        self,
+        params,
+        lr: float,
+        momentum: float = 0.9,
+        nesterov: bool = True,
+        weight_decay: float = 0.0,
+        ns_steps: int = 3,
+        ns_dtype: torch.dtype = torch.bfloat16,
+    ):
         if lr < 0 or not 0.0 <= momentum < 1.0 or weight_decay < 0 or ns_steps < 1:
-            raise ValueError(f"Muon needs lr >= 0, 0 <= momentum < 1, weight_decay >= 0 and "
-                             f"ns_steps >= 1, got {lr}, {momentum}, {weight_decay}, {ns_steps}")
-        defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
-                        orthogonal=False, ns_steps=ns_steps)
+            raise ValueError(
+                f"Muon needs lr >= 0, 0 <= momentum < 1, weight_decay >= 0 and "
+                f"ns_steps >= 1, got {lr}, {momentum}, {weight_decay}, {ns_steps}"
+            )
+        defaults = dict(
+            lr=lr,
+            momentum=momentum,
+            nesterov=nesterov,
+            weight_decay=weight_decay,
+            orthogonal=False,
+            ns_steps=ns_steps,
+        )
         super().__init__(params, defaults)
         self.ns_dtype = ns_dtype
 
@@ -137,8 +176,9 @@ class Muon(torch.optim.Optimizer):
                 update = grad.add(buffer, alpha=momentum) if group["nesterov"] else buffer
                 if orthogonal:
                     p.mul_(math.sqrt(p.size(0)) / (p.norm() + 1e-12))
-                    update = orthogonalise(update.reshape(p.size(0), -1), group["ns_steps"],
-                                           dtype=self.ns_dtype).view_as(p)
+                    update = orthogonalise(
+                        update.reshape(p.size(0), -1), group["ns_steps"], dtype=self.ns_dtype
+                    ).view_as(p)
                 p.add_(update, alpha=-group["lr"])
         return loss
 
@@ -146,8 +186,13 @@ class Muon(torch.optim.Optimizer):
 NORM_LAYERS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 
 
-def param_groups(model: nn.Module, weight_decay: float, norm_lr_scale: float = 1.0,
-                 norm_decay: bool = False, orthogonal_filters: bool = False) -> list[dict]:
+def param_groups(
+    model: nn.Module,
+    weight_decay: float,
+    norm_lr_scale: float = 1.0,
+    norm_decay: bool = False,
+    orthogonal_filters: bool = False,
+) -> list[dict]:
     """Three groups: conv and linear weights (decayed), other biases (never decayed:
     decaying them hurts small nets), and normalisation layers' parameters.
 
@@ -170,11 +215,16 @@ def param_groups(model: nn.Module, weight_decay: float, norm_lr_scale: float = 1
                 filters.append(p)
             else:
                 (weights if p.ndim > 1 else biases).append(p)
-    groups = [{"params": weights, "weight_decay": weight_decay, "lr_scale": 1.0},
-              {"params": biases, "weight_decay": 0.0, "lr_scale": 1.0},
-              {"params": norms, "lr_scale": norm_lr_scale,
-               "weight_decay": weight_decay / norm_lr_scale if norm_decay else 0.0},
-              {"params": filters, "weight_decay": 0.0, "orthogonal": True}]
+    groups = [
+        {"params": weights, "weight_decay": weight_decay, "lr_scale": 1.0},
+        {"params": biases, "weight_decay": 0.0, "lr_scale": 1.0},
+        {
+            "params": norms,
+            "lr_scale": norm_lr_scale,
+            "weight_decay": weight_decay / norm_lr_scale if norm_decay else 0.0,
+        },
+        {"params": filters, "weight_decay": 0.0, "orthogonal": True},
+    ]
     return [g for g in groups if g["params"]]
 
 
@@ -189,8 +239,10 @@ class Lookahead:
 
     def __init__(self, params, k: int = 5, alpha: float = 0.5, ramp_steps: int = 0):
         if k < 1 or not 0.0 < alpha <= 1.0 or ramp_steps < 0:
-            raise ValueError(f"Lookahead needs k >= 1, 0 < alpha <= 1 and ramp_steps >= 0, "
-                             f"got k={k}, alpha={alpha}, ramp_steps={ramp_steps}")
+            raise ValueError(
+                f"Lookahead needs k >= 1, 0 < alpha <= 1 and ramp_steps >= 0, "
+                f"got k={k}, alpha={alpha}, ramp_steps={ramp_steps}"
+            )
         self.params = [p for p in params if p.requires_grad]
         self.k, self.alpha, self.ramp_steps = k, alpha, ramp_steps
         self.reset()
@@ -230,8 +282,12 @@ class Lookahead:
         return copy_
 
     def state_dict(self) -> dict:
-        return {"slow": [s.clone() for s in self.slow], "fast_steps": self.fast_steps,
-                "k": self.k, "alpha": self.alpha}
+        return {
+            "slow": [s.clone() for s in self.slow],
+            "fast_steps": self.fast_steps,
+            "k": self.k,
+            "alpha": self.alpha,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         for s, saved in zip(self.slow, state["slow"]):
@@ -283,8 +339,10 @@ class ModelEMA:
 
 def _float_and_other_tensors(module: nn.Module) -> tuple[list, list]:
     tensors = list(module.state_dict().values())
-    return ([t for t in tensors if t.dtype.is_floating_point],
-            [t for t in tensors if not t.dtype.is_floating_point])
+    return (
+        [t for t in tensors if t.dtype.is_floating_point],
+        [t for t in tensors if not t.dtype.is_floating_point],
+    )
 
 
 def build_scheduler(
@@ -309,9 +367,15 @@ def build_scheduler(
         # Momentum cycling fights Nesterov-SGD's fixed momentum of the seed recipe
         # and does not exist for Adam's betas in the same form: keep it off.
         return torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=max_lrs, total_steps=total_steps, pct_start=pct_start,
-            anneal_strategy=anneal_strategy, div_factor=div_factor,
-            final_div_factor=final_div_factor, cycle_momentum=False)
+            optimizer,
+            max_lr=max_lrs,
+            total_steps=total_steps,
+            pct_start=pct_start,
+            anneal_strategy=anneal_strategy,
+            div_factor=div_factor,
+            final_div_factor=final_div_factor,
+            cycle_momentum=False,
+        )
     if name == "constant":
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     raise ValueError(f"unknown schedule {name!r}; choose one of: onecycle, constant")

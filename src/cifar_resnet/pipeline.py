@@ -8,8 +8,8 @@ import copy
 import dataclasses
 import os
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Callable, Iterable
 
 import numpy as np
 import torch
@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import data, engine, hardware
-from .config import ConfigError, DataSettings, ModelSettings, TrainSettings
 from .batch_augment import BatchAugment
+from .config import ConfigError, DataSettings, ModelSettings, TrainSettings
 from .models import ImageClassifier, build_model, count_parameters
 from .optim import Lookahead, ModelEMA, build_optimizer, build_scheduler, param_groups
 
@@ -28,23 +28,30 @@ def build_network(settings: ModelSettings, num_classes: int = 10) -> nn.Module:
     net = build_model(settings.name, num_classes=num_classes, **settings.kwargs)
     params = count_parameters(net)
     if params > settings.max_params:
-        raise ConfigError(f"model {settings.name} has {params:,} parameters, over the limit "
-                          f"model.max_params={settings.max_params:,}")
+        raise ConfigError(
+            f"model {settings.name} has {params:,} parameters, over the limit "
+            f"model.max_params={settings.max_params:,}"
+        )
     return net
 
 
 def load_data(settings: DataSettings) -> data.CifarSplits:
     """The verified splits that ``settings`` describe (train, validation, test)."""
     return data.load_splits(
-        settings.root, val_size=settings.val_size, train_subset=settings.train_subset,
-        seed=settings.split_seed, download=settings.download,
-        expected_md5=_expected_md5(settings))
+        settings.root,
+        val_size=settings.val_size,
+        train_subset=settings.train_subset,
+        seed=settings.split_seed,
+        download=settings.download,
+        expected_md5=_expected_md5(settings),
+    )
 
 
 def load_test_set(settings: DataSettings) -> tuple[np.ndarray, np.ndarray]:
     """The 10,000 verified test images and labels, without reading the training batches."""
-    data.ensure_cifar10(settings.root, download=settings.download,
-                        expected_md5=_expected_md5(settings))
+    data.ensure_cifar10(
+        settings.root, download=settings.download, expected_md5=_expected_md5(settings)
+    )
     return data.load_cifar10(settings.root, train=False)
 
 
@@ -52,8 +59,9 @@ def _expected_md5(settings: DataSettings) -> dict[str, str] | None:
     return data.read_md5_file(settings.md5_file) if settings.md5_file else None
 
 
-def train_batches(settings: TrainSettings, splits: data.CifarSplits,
-                  device: torch.device) -> Callable[[int], Iterable]:
+def train_batches(
+    settings: TrainSettings, splits: data.CifarSplits, device: torch.device
+) -> Callable[[int], Iterable]:
     """epoch -> that epoch's training batches, reproducible from (seed, epoch)."""
     images, labels = splits.train_images, splits.train_labels
     batch_size = settings.train.batch_size
@@ -61,9 +69,17 @@ def train_batches(settings: TrainSettings, splits: data.CifarSplits,
     drop_last = len(labels) * settings.data.repeats > batch_size
     if settings.data.loader == "tensor":
         aug = BatchAugment(**settings.augment.tensor) if settings.augment.tensor else None
-        loader = data.TensorLoader(images, labels, batch_size, device, shuffle=True,
-                                   drop_last=drop_last, augment=aug, seed=settings.seed,
-                                   repeats=settings.data.repeats)
+        loader = data.TensorLoader(
+            images,
+            labels,
+            batch_size,
+            device,
+            shuffle=True,
+            drop_last=drop_last,
+            augment=aug,
+            seed=settings.seed,
+            repeats=settings.data.repeats,
+        )
 
         def tensor_epoch(epoch: int):
             loader.set_epoch(epoch)
@@ -75,10 +91,19 @@ def train_batches(settings: TrainSettings, splits: data.CifarSplits,
     transform = build_train_transform(settings.augment.name, **settings.augment.params)
 
     def loader_epoch(epoch: int):
-        return data.make_loader(images, labels, batch_size, transform=transform,
-                                repeats=settings.data.repeats, shuffle=True, drop_last=drop_last,
-                                num_workers=settings.data.num_workers, seed=settings.seed,
-                                epoch=epoch, pin_memory=device.type == "cuda")
+        return data.make_loader(
+            images,
+            labels,
+            batch_size,
+            transform=transform,
+            repeats=settings.data.repeats,
+            shuffle=True,
+            drop_last=drop_last,
+            num_workers=settings.data.num_workers,
+            seed=settings.seed,
+            epoch=epoch,
+            pin_memory=device.type == "cuda",
+        )
 
     return loader_epoch
 
@@ -109,9 +134,13 @@ def prepare_machine(settings: TrainSettings) -> tuple[TrainSettings, torch.devic
 def machine_params(settings: TrainSettings, device: torch.device) -> dict[str, str | int]:
     """What a run logs of the machine beside its config (which keeps the *requested*
     precision): the resolved precision, the hardware and the threads."""
-    return {"resolved_precision": settings.train.precision, "device": str(device),
-            "hardware": hardware.describe(device), "cpu_class": hardware.cpu_class(),
-            "cpu_threads": torch.get_num_threads()}
+    return {
+        "resolved_precision": settings.train.precision,
+        "device": str(device),
+        "hardware": hardware.describe(device),
+        "cpu_class": hardware.cpu_class(),
+        "cpu_threads": torch.get_num_threads(),
+    }
 
 
 def configure_backend(device: torch.device, deterministic: bool = False) -> None:
@@ -128,8 +157,13 @@ def configure_backend(device: torch.device, deterministic: bool = False) -> None
         torch.backends.cudnn.allow_tf32 = True
 
 
-def build_parts(settings: TrainSettings, net: nn.Module, splits: data.CifarSplits,
-                steps_per_epoch: int, device: torch.device) -> engine.TrainingParts:
+def build_parts(
+    settings: TrainSettings,
+    net: nn.Module,
+    splits: data.CifarSplits,
+    steps_per_epoch: int,
+    device: torch.device,
+) -> engine.TrainingParts:
     amp = hardware.autocast_dtype(settings.train.precision)
     model = ImageClassifier(net, splits.mean, splits.std).to(device)
     # A data-dependent init (whitened_resnet's stem) sees unaugmented training images;
@@ -138,24 +172,52 @@ def build_parts(settings: TrainSettings, net: nn.Module, splits: data.CifarSplit
     if settings.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     o = settings.optim
-    groups = param_groups(model, o.weight_decay, o.norm_lr_scale, o.norm_decay,
-                          orthogonal_filters=o.name == "muon")
-    optimizer = build_optimizer(groups, o.name, lr=o.lr, weight_decay=o.weight_decay,
-                                momentum=o.momentum, nesterov=o.nesterov, betas=o.betas,
-                                muon_lr=o.muon_lr, muon_momentum=o.muon_momentum,
-                                muon_dtype=amp or torch.float32)
+    groups = param_groups(
+        model, o.weight_decay, o.norm_lr_scale, o.norm_decay, orthogonal_filters=o.name == "muon"
+    )
+    optimizer = build_optimizer(
+        groups,
+        o.name,
+        lr=o.lr,
+        weight_decay=o.weight_decay,
+        momentum=o.momentum,
+        nesterov=o.nesterov,
+        betas=o.betas,
+        muon_lr=o.muon_lr,
+        muon_momentum=o.muon_momentum,
+        muon_dtype=amp or torch.float32,
+    )
     s = settings.schedule
     total_steps = settings.train.epochs * steps_per_epoch
-    scheduler = build_scheduler(optimizer, s.name, total_steps=total_steps,
-                                pct_start=s.pct_start, anneal_strategy=s.anneal_strategy,
-                                div_factor=s.div_factor, final_div_factor=s.final_div_factor)
-    scaler = (torch.amp.GradScaler(device.type)
-              if hardware.needs_grad_scaler(settings.train.precision) else None)
-    lookahead = Lookahead(model.parameters(), o.lookahead_k, o.lookahead_alpha,
-                          ramp_steps=total_steps if o.lookahead_ramp else 0) \
-        if o.lookahead_k > 0 else None
-    ema = ModelEMA(model, settings.train.ema_decay, warmup_steps=steps_per_epoch) \
-        if settings.train.ema_decay > 0 else None
+    scheduler = build_scheduler(
+        optimizer,
+        s.name,
+        total_steps=total_steps,
+        pct_start=s.pct_start,
+        anneal_strategy=s.anneal_strategy,
+        div_factor=s.div_factor,
+        final_div_factor=s.final_div_factor,
+    )
+    scaler = (
+        torch.amp.GradScaler(device.type)
+        if hardware.needs_grad_scaler(settings.train.precision)
+        else None
+    )
+    lookahead = (
+        Lookahead(
+            model.parameters(),
+            o.lookahead_k,
+            o.lookahead_alpha,
+            ramp_steps=total_steps if o.lookahead_ramp else 0,
+        )
+        if o.lookahead_k > 0
+        else None
+    )
+    ema = (
+        ModelEMA(model, settings.train.ema_decay, warmup_steps=steps_per_epoch)
+        if settings.train.ema_decay > 0
+        else None
+    )
     return engine.TrainingParts(model, optimizer, scheduler, scaler, lookahead, ema)
 
 
@@ -163,23 +225,48 @@ def steps_per_epoch(batches: Callable[[int], Iterable]) -> int:
     return len(batches(1))
 
 
-def run_fit(settings: TrainSettings, splits: data.CifarSplits, parts: engine.TrainingParts,
-            batches: Callable[[int], Iterable], device: torch.device, *,
-            state: engine.TrainState | None = None, checkpoint_dir: Path | None = None,
-            checkpoint_extra: dict | None = None, logger=None) -> engine.TrainState:
+def run_fit(
+    settings: TrainSettings,
+    splits: data.CifarSplits,
+    parts: engine.TrainingParts,
+    batches: Callable[[int], Iterable],
+    device: torch.device,
+    *,
+    state: engine.TrainState | None = None,
+    checkpoint_dir: Path | None = None,
+    checkpoint_extra: dict | None = None,
+    logger=None,
+) -> engine.TrainState:
     t = settings.train
     return engine.fit(
-        parts, batches, splits.val_images, splits.val_labels, device,
-        epochs=t.epochs, state=state, label_smoothing=t.label_smoothing,
-        amp_dtype=hardware.autocast_dtype(t.precision), grad_clip=t.grad_clip,
-        patience=t.patience, eval_batch_size=t.eval_batch_size, channels_last=t.channels_last,
-        compile=t.compile, checkpoint_dir=checkpoint_dir, checkpoint_extra=checkpoint_extra,
-        logger=logger, progress=t.progress)
+        parts,
+        batches,
+        splits.val_images,
+        splits.val_labels,
+        device,
+        epochs=t.epochs,
+        state=state,
+        label_smoothing=t.label_smoothing,
+        amp_dtype=hardware.autocast_dtype(t.precision),
+        grad_clip=t.grad_clip,
+        patience=t.patience,
+        eval_batch_size=t.eval_batch_size,
+        channels_last=t.channels_last,
+        compile=t.compile,
+        checkpoint_dir=checkpoint_dir,
+        checkpoint_extra=checkpoint_extra,
+        logger=logger,
+        progress=t.progress,
+    )
 
 
-def test_chosen_checkpoint(settings: TrainSettings, splits: data.CifarSplits,
-                           parts: engine.TrainingParts, checkpoint_dir: Path,
-                           device: torch.device) -> tuple[dict, torch.Tensor]:
+def test_chosen_checkpoint(
+    settings: TrainSettings,
+    splits: data.CifarSplits,
+    parts: engine.TrainingParts,
+    checkpoint_dir: Path,
+    device: torch.device,
+) -> tuple[dict, torch.Tensor]:
     """Load the checkpoint chosen on validation and read the test set, once.
 
     Returns the summary metrics and the test logits (for the reports)."""
@@ -187,22 +274,38 @@ def test_chosen_checkpoint(settings: TrainSettings, splits: data.CifarSplits,
     model = parts.eval_model()
     t = settings.train
     amp = hardware.autocast_dtype(t.precision)
-    test_loss, test_acc, logits = engine.evaluate(model, splits.test_images, splits.test_labels,
-                                                  device, batch_size=t.eval_batch_size,
-                                                  amp_dtype=amp)
+    test_loss, test_acc, logits = engine.evaluate(
+        model,
+        splits.test_images,
+        splits.test_labels,
+        device,
+        batch_size=t.eval_batch_size,
+        amp_dtype=amp,
+    )
     summary = {"test_acc": test_acc, "test_loss": test_loss}
     if t.tta != "none":
         from .tta import metric_name, tta_views
 
         # The view set is part of the name: flip and flip_shift are different measurements.
         _, summary[metric_name(t.tta)], _ = engine.evaluate(
-            model, splits.test_images, splits.test_labels, device,
-            batch_size=t.eval_batch_size, amp_dtype=amp, views=tta_views(t.tta))
+            model,
+            splits.test_images,
+            splits.test_labels,
+            device,
+            batch_size=t.eval_batch_size,
+            amp_dtype=amp,
+            views=tta_views(t.tta),
+        )
     return summary, logits
 
 
-def measure_images_per_second(model: nn.Module, batch_size: int, device: torch.device,
-                              amp_dtype: torch.dtype | None, steps: int = 2) -> float:
+def measure_images_per_second(
+    model: nn.Module,
+    batch_size: int,
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+    steps: int = 2,
+) -> float:
     """Forward+backward images per second of a throw-away copy of ``model`` on random
     pixels (uint8 NCHW, ``batch_size`` a step), under autocast to ``amp_dtype``.
 
@@ -233,8 +336,13 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def long_run_warning(settings: TrainSettings, train_images: int, model: nn.Module,
-                     device: torch.device, hours_limit: float = 1.0) -> str | None:
+def long_run_warning(
+    settings: TrainSettings,
+    train_images: int,
+    model: nn.Module,
+    device: torch.device,
+    hours_limit: float = 1.0,
+) -> str | None:
     """A warning with an estimate when the training would take hours here.
 
     ``model`` is the run's ImageClassifier (a copy is timed). Only runs the probe for
@@ -243,12 +351,18 @@ def long_run_warning(settings: TrainSettings, train_images: int, model: nn.Modul
     planned = t.epochs * train_images * settings.data.repeats
     if planned < 1_000_000:
         return None
-    rate = measure_images_per_second(model, t.batch_size, device,
-                                     hardware.autocast_dtype(t.precision))
+    rate = measure_images_per_second(
+        model, t.batch_size, device, hardware.autocast_dtype(t.precision)
+    )
     hours = planned / rate / 3600
     if hours < hours_limit:
         return None
-    advice = ("for a shorter run use recipe=fast (mlflow run . -e train -P overrides=recipe=fast)"
-              if settings.recipe != "fast" else "fewer epochs (train.epochs=N) shorten it")
-    return (f"warning: {t.epochs} epochs of {settings.model.name} on {device} will take about "
-            f"{hours:.1f} hours ({rate:.0f} images/s measured here); {advice}")
+    advice = (
+        "for a shorter run use recipe=fast (mlflow run . -e train -P overrides=recipe=fast)"
+        if settings.recipe != "fast"
+        else "fewer epochs (train.epochs=N) shorten it"
+    )
+    return (
+        f"warning: {t.epochs} epochs of {settings.model.name} on {device} will take about "
+        f"{hours:.1f} hours ({rate:.0f} images/s measured here); {advice}"
+    )

@@ -15,8 +15,10 @@ import numpy as np  # noqa: E402
 
 def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> np.ndarray:
     """Rows are true classes, columns predicted ones."""
-    return np.bincount(num_classes * np.asarray(labels) + np.asarray(predictions),
-                       minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+    return np.bincount(
+        num_classes * np.asarray(labels) + np.asarray(predictions),
+        minlength=num_classes * num_classes,
+    ).reshape(num_classes, num_classes)
 
 
 def per_class_accuracy_csv(matrix: np.ndarray, class_names: list[str]) -> str:
@@ -53,15 +55,27 @@ def confusion_figure(matrix: np.ndarray, class_names: list[str], title: str = "t
     ax.set(xlabel="predicted", ylabel="true", title=f"confusion matrix ({title})")
     threshold = matrix.max() / 2
     for (i, j), count in np.ndenumerate(matrix):
-        ax.text(j, i, str(count), ha="center", va="center", fontsize=7,
-                color="white" if count > threshold else "black")
+        ax.text(
+            j,
+            i,
+            str(count),
+            ha="center",
+            va="center",
+            fontsize=7,
+            color="white" if count > threshold else "black",
+        )
     fig.colorbar(image, ax=ax, fraction=0.046)
     fig.tight_layout()
     return fig
 
 
-def misclassified_grid(images: np.ndarray, labels: np.ndarray, predictions: np.ndarray,
-                       class_names: list[str], limit: int = 36):
+def misclassified_grid(
+    images: np.ndarray,
+    labels: np.ndarray,
+    predictions: np.ndarray,
+    class_names: list[str],
+    limit: int = 36,
+):
     """The first ``limit`` mistakes, each titled 'true -> predicted'."""
     wrong = np.flatnonzero(np.asarray(labels) != np.asarray(predictions))[:limit]
     cols = 6

@@ -72,8 +72,10 @@ def registered_model(name: str) -> Any:
         if not _not_found(err):
             raise
         known = sorted(m.name for m in client().search_registered_models())
-        raise RegistryError(f"no registered model {name!r}; registered models: "
-                            f"{', '.join(known) or 'none (train one first)'}") from None
+        raise RegistryError(
+            f"no registered model {name!r}; registered models: "
+            f"{', '.join(known) or 'none (train one first)'}"
+        ) from None
 
 
 def versions(name: str) -> list[Any]:
@@ -96,8 +98,10 @@ def resolve(uri: str) -> ModelRef:
         known = aliases(name)
         if alias not in known:
             listed = ", ".join(f"{a} (version {v})" for a, v in sorted(known.items()))
-            raise RegistryError(f"model {name!r} has no alias {alias!r}; its aliases: "
-                                f"{listed or 'none (run promote first)'}")
+            raise RegistryError(
+                f"model {name!r} has no alias {alias!r}; its aliases: "
+                f"{listed or 'none (run promote first)'}"
+            )
         return _version_ref(uri, name, known[alias])
     if match := _MODELS_VERSION.match(uri):
         name, version = match["name"], match["version"]
@@ -105,8 +109,10 @@ def resolve(uri: str) -> ModelRef:
         if version == "latest" and numbers:
             version = numbers[-1]
         if version not in numbers:
-            raise RegistryError(f"model {name!r} has no version {version!r}; its versions: "
-                                f"{', '.join(numbers) or 'none'}")
+            raise RegistryError(
+                f"model {name!r} has no version {version!r}; its versions: "
+                f"{', '.join(numbers) or 'none'}"
+            )
         return _version_ref(uri, name, version)
     if match := _RUNS.match(uri):
         run_id = match["run_id"]
@@ -115,8 +121,10 @@ def resolve(uri: str) -> ModelRef:
         except MlflowException as err:
             if not _not_found(err):
                 raise
-            raise RegistryError(f"no MLflow run {run_id!r} (from {uri}) in this tracking store "
-                                f"({mlflow.get_tracking_uri()})") from None
+            raise RegistryError(
+                f"no MLflow run {run_id!r} (from {uri}) in this tracking store "
+                f"({mlflow.get_tracking_uri()})"
+            ) from None
         # The run's model may be registered: use the version, so lineage names it.
         registered = list(client().search_model_versions(f"run_id = '{run_id}'"))
         if len(registered) == 1:
@@ -131,8 +139,10 @@ def _version_ref(uri: str, name: str, version: str) -> ModelRef:
 
 def require_version(ref: ModelRef) -> ModelRef:
     if not ref.version:
-        raise RegistryError(f"{ref.uri} is not a registered model version; register it "
-                            "(train or finetune do) and pass models:/<name>/<version>")
+        raise RegistryError(
+            f"{ref.uri} is not a registered model version; register it "
+            "(train or finetune do) and pass models:/<name>/<version>"
+        )
     return ref
 
 
@@ -144,14 +154,16 @@ def download_weights(ref: ModelRef, dst: Path | None = None) -> Path:
 
     dst = Path(dst or tempfile.mkdtemp(prefix="cifar_resnet_model_"))
     try:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=ref.download_uri,
-                                                         dst_path=str(dst)))
+        local = Path(
+            mlflow.artifacts.download_artifacts(artifact_uri=ref.download_uri, dst_path=str(dst))
+        )
         artifacts = Model.load(str(local)).flavors["python_function"].get("artifacts", {})
     except (MlflowException, OSError, KeyError) as err:
         raise RegistryError(f"could not load the model at {ref.uri}: {err}") from None
     if WEIGHTS_ARTIFACT not in artifacts:
-        raise RegistryError(f"{ref.uri} has no {WEIGHTS_ARTIFACT!r} artifact: "
-                            "not a model logged by this project")
+        raise RegistryError(
+            f"{ref.uri} has no {WEIGHTS_ARTIFACT!r} artifact: not a model logged by this project"
+        )
     return local / artifacts[WEIGHTS_ARTIFACT]["path"]
 
 
@@ -179,8 +191,9 @@ def run_metrics(run_id: str) -> dict[str, float]:
         return {}
 
 
-def version_metric(version: Any, metric: str, metrics: dict[str, float] | None = None
-                   ) -> float | None:
+def version_metric(
+    version: Any, metric: str, metrics: dict[str, float] | None = None
+) -> float | None:
     """A version's ``metric`` as a finite float, or None where it has none: its tag
     (what train and eval_tta write), else its source run's metric of that name
     (``metrics``, when the caller has them). ``test_acc_tta_<views>`` is also found in
@@ -192,7 +205,7 @@ def version_metric(version: Any, metric: str, metrics: dict[str, float] | None =
         metrics = run_metrics(version.run_id)
     value = _finite(metrics.get(metric))
     if value is None and metric.startswith(TTA_PREFIX):
-        value = tta_accuracies(version, metrics).get(metric[len(TTA_PREFIX):])
+        value = tta_accuracies(version, metrics).get(metric[len(TTA_PREFIX) :])
     return value
 
 
@@ -212,7 +225,7 @@ def tta_accuracies(version: Any, metrics: dict[str, float] | None = None) -> dic
         for key, raw in source.items():
             value = _finite(raw)
             if key.startswith(TTA_PREFIX) and value is not None:
-                found.setdefault(key[len(TTA_PREFIX):], value)
+                found.setdefault(key[len(TTA_PREFIX) :], value)
     legacy_tag = _finite(version.tags.get(_LEGACY_TTA))
     if legacy_tag is not None and version.tags.get("tta_views"):
         found.setdefault(version.tags["tta_views"], legacy_tag)
@@ -267,16 +280,25 @@ def check_selection_metric(metric: str, allow_test_selection: bool = False) -> N
             f"promote.metric={metric} is measured on the test set: choosing the champion on "
             "it is choosing on the data we report on, and the reported test figure would no "
             "longer be an honest estimate; rank by val_acc (the default), or set "
-            "promote.allow_test_selection=true to do it anyway")
+            "promote.allow_test_selection=true to do it anyway"
+        )
     if metric in (_LEGACY_TTA, "test_loss_tta"):
-        raise RegistryError(f"{metric} names no view set, so versions evaluated with "
-                            f"different sets would be compared as one metric; use "
-                            f"{metric}_<views> ({metric}_flip, {metric}_flip_shift, ...)")
+        raise RegistryError(
+            f"{metric} names no view set, so versions evaluated with "
+            f"different sets would be compared as one metric; use "
+            f"{metric}_<views> ({metric}_flip, {metric}_flip_shift, ...)"
+        )
 
 
-def promote(name: str, metric: str = "val_acc", version: str | None = None,
-            force: bool = False, alias: str = "champion",
-            previous_alias: str = "previous", allow_test_selection: bool = False) -> Promotion:
+def promote(
+    name: str,
+    metric: str = "val_acc",
+    version: str | None = None,
+    force: bool = False,
+    alias: str = "champion",
+    previous_alias: str = "previous",
+    allow_test_selection: bool = False,
+) -> Promotion:
     """Point ``alias`` at ``version`` (or the best version by ``metric``, higher is
     better); the former holder gets ``previous_alias``. A candidate worse than the
     current holder, or one that cannot be compared, needs ``force``.
@@ -292,15 +314,19 @@ def promote(name: str, metric: str = "val_acc", version: str | None = None,
     if version is not None:
         version = str(version)
         if version not in all_versions:
-            raise RegistryError(f"model {name!r} has no version {version!r}; its versions: "
-                                f"{', '.join(all_versions)}")
+            raise RegistryError(
+                f"model {name!r} has no version {version!r}; its versions: "
+                f"{', '.join(all_versions)}"
+            )
         chosen, why = version, "requested"
     else:
         scored = [(value, int(number)) for number, value in values.items() if value is not None]
         if not scored:
-            raise RegistryError(f"no version of {name!r} has {metric!r} as a tag or a run "
-                                "metric (train writes val_acc, eval_tta "
-                                "test_acc_tta_<views>)")
+            raise RegistryError(
+                f"no version of {name!r} has {metric!r} as a tag or a run "
+                "metric (train writes val_acc, eval_tta "
+                "test_acc_tta_<views>)"
+            )
         best_value, best_number = max(scored)  # ties: the newest
         chosen = str(best_number)
         why = f"best {metric} of {len(scored)} version(s)"
@@ -312,17 +338,23 @@ def promote(name: str, metric: str = "val_acc", version: str | None = None,
         return Promotion(name, metric, chosen, value, champion, champion_value, changed, reason)
 
     if champion == chosen:
-        return result(False, f"version {chosen} ({why}, {metric} {_fmt(value)}) already is "
-                             f"{alias!r}; nothing to do")
+        return result(
+            False,
+            f"version {chosen} ({why}, {metric} {_fmt(value)}) already is {alias!r}; nothing to do",
+        )
     if champion is not None and not force:
         if value is None:
-            raise RegistryError(f"version {chosen} has no {metric!r}, so it cannot be compared "
-                                f"with {alias} version {champion}; not promoted "
-                                "(force=true promotes it anyway)")
+            raise RegistryError(
+                f"version {chosen} has no {metric!r}, so it cannot be compared "
+                f"with {alias} version {champion}; not promoted "
+                "(force=true promotes it anyway)"
+            )
         if champion_value is not None and value < champion_value:
-            raise RegistryError(f"version {chosen} has {metric} {_fmt(value)}, worse than "
-                                f"{alias} version {champion} ({_fmt(champion_value)}); "
-                                "not promoted (force=true promotes it anyway)")
+            raise RegistryError(
+                f"version {chosen} has {metric} {_fmt(value)}, worse than "
+                f"{alias} version {champion} ({_fmt(champion_value)}); "
+                "not promoted (force=true promotes it anyway)"
+            )
     c = client()
     if champion is not None:
         c.set_registered_model_alias(name, previous_alias, champion)
@@ -336,5 +368,8 @@ def promote(name: str, metric: str = "val_acc", version: str | None = None,
     else:
         relation = "better than" if value > champion_value else "as good as"
         reason = f"{relation} version {champion} ({_fmt(champion_value)})"
-    return result(True, f"{alias} -> version {chosen} ({why}, {metric} {_fmt(value)}): {reason}"
-                        + (f"; version {champion} is now {previous_alias!r}" if champion else ""))
+    return result(
+        True,
+        f"{alias} -> version {chosen} ({why}, {metric} {_fmt(value)}): {reason}"
+        + (f"; version {champion} is now {previous_alias!r}" if champion else ""),
+    )

@@ -56,20 +56,27 @@ def rows(name: str) -> list[Row]:
     for version in registry.versions(name):
         metrics = registry.run_metrics(version.run_id)
 
-        def acc(tag: str) -> float | None:
+        # Called within this iteration only: the loop variables it reads are current.
+        def acc(tag: str, version=version, metrics=metrics) -> float | None:
             value = registry.version_metric(version, tag, {})
             return value if value is not None else metrics.get(_RUN_FALLBACK[tag])
 
         number = str(version.version)
-        out.append(Row(
-            version=number, aliases=", ".join(sorted(holders.get(number, []))),
-            model=version.tags.get("model", "?"),
-            parameters=_int(version.tags.get("parameters")),
-            epochs=_int(version.tags.get("epochs", metrics.get("epochs_trained"))),
-            train_acc=metrics.get("train_acc"), val_acc=acc("val_acc"),
-            test_acc=acc("test_acc"), run_id=version.run_id,
-            test_acc_tta=registry.tta_accuracies(version, metrics),
-            settings_from_run=version.tags.get("settings_from_run")))
+        out.append(
+            Row(
+                version=number,
+                aliases=", ".join(sorted(holders.get(number, []))),
+                model=version.tags.get("model", "?"),
+                parameters=_int(version.tags.get("parameters")),
+                epochs=_int(version.tags.get("epochs", metrics.get("epochs_trained"))),
+                train_acc=metrics.get("train_acc"),
+                val_acc=acc("val_acc"),
+                test_acc=acc("test_acc"),
+                run_id=version.run_id,
+                test_acc_tta=registry.tta_accuracies(version, metrics),
+                settings_from_run=version.tags.get("settings_from_run"),
+            )
+        )
     return out
 
 
@@ -86,26 +93,49 @@ def markdown(table: list[Row]) -> str:
     """The table as Markdown: one line per row, one TTA column per view set present,
     and a note under it when a val acc is borrowed (``settings_from_run``)."""
     sets = view_sets(table)
-    header = ("version", "aliases", "model", "parameters", "epochs", "train acc", "val acc",
-              "test acc", *(f"test acc (TTA {views})" for views in sets), "run id")
-    lines = ["| " + " | ".join(header) + " |",
-             "|" + "|".join("---:" if h in ("parameters", "epochs") or "acc" in h else "---"
-                            for h in header) + "|"]
+    header = (
+        "version",
+        "aliases",
+        "model",
+        "parameters",
+        "epochs",
+        "train acc",
+        "val acc",
+        "test acc",
+        *(f"test acc (TTA {views})" for views in sets),
+        "run id",
+    )
+    lines = [
+        "| " + " | ".join(header) + " |",
+        "|"
+        + "|".join("---:" if h in ("parameters", "epochs") or "acc" in h else "---" for h in header)
+        + "|",
+    ]
     for r in table:
-        val = _pct(r.val_acc) + (_BORROWED if r.settings_from_run and r.val_acc is not None
-                                 else "")
-        cells = (r.version, r.aliases, f"`{r.model}`",
-                 "–" if r.parameters is None else f"{r.parameters:,}",
-                 "–" if r.epochs is None else str(r.epochs), _pct(r.train_acc), val,
-                 _pct(r.test_acc), *(_pct(r.test_acc_tta.get(views)) for views in sets),
-                 f"`{r.run_id}`")
+        val = _pct(r.val_acc) + (_BORROWED if r.settings_from_run and r.val_acc is not None else "")
+        cells = (
+            r.version,
+            r.aliases,
+            f"`{r.model}`",
+            "–" if r.parameters is None else f"{r.parameters:,}",
+            "–" if r.epochs is None else str(r.epochs),
+            _pct(r.train_acc),
+            val,
+            _pct(r.test_acc),
+            *(_pct(r.test_acc_tta.get(views)) for views in sets),
+            f"`{r.run_id}`",
+        )
         lines.append("| " + " | ".join(cells) + " |")
     borrowed = [r for r in table if r.settings_from_run and r.val_acc is not None]
     if borrowed:
-        lines += ["", f"{_BORROWED} trained on all the training images (no validation split) "
-                  "with settings chosen on the validation split by another run; the val acc "
-                  "is that run's: " + ", ".join(f"version {r.version} from `{r.settings_from_run}`"
-                                                for r in borrowed) + "."]
+        lines += [
+            "",
+            f"{_BORROWED} trained on all the training images (no validation split) "
+            "with settings chosen on the validation split by another run; the val acc "
+            "is that run's: "
+            + ", ".join(f"version {r.version} from `{r.settings_from_run}`" for r in borrowed)
+            + ".",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -113,9 +143,19 @@ def csv_text(table: list[Row]) -> str:
     """The table as CSV, one column per field and one ``test_acc_tta_<views>`` column
     per view set present; empty cells where a value is missing."""
     sets = view_sets(table)
-    columns = ["version", "aliases", "model", "parameters", "epochs", "train_acc", "val_acc",
-               "test_acc", *(registry.TTA_PREFIX + views for views in sets), "run_id",
-               "settings_from_run"]
+    columns = [
+        "version",
+        "aliases",
+        "model",
+        "parameters",
+        "epochs",
+        "train_acc",
+        "val_acc",
+        "test_acc",
+        *(registry.TTA_PREFIX + views for views in sets),
+        "run_id",
+        "settings_from_run",
+    ]
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=columns)
     writer.writeheader()

@@ -93,19 +93,27 @@ def bad_input(message: str) -> MlflowException:
     return MlflowException.invalid_parameter_value(message)
 
 
-def save_weights(path: Path, model: ImageClassifier, model_name: str, model_kwargs: dict,
-                 class_names: list[str]) -> Path:
+def save_weights(
+    path: Path, model: ImageClassifier, model_name: str, model_kwargs: dict, class_names: list[str]
+) -> Path:
     """What the pyfunc needs to rebuild the network: no optimizer, no RNG state."""
-    torch.save({"model_name": model_name, "model_kwargs": dict(model_kwargs),
-                "class_names": list(class_names),
-                "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}, path)
+    torch.save(
+        {
+            "model_name": model_name,
+            "model_kwargs": dict(model_kwargs),
+            "class_names": list(class_names),
+            "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        },
+        path,
+    )
     return path
 
 
 def load_classifier(path: str | Path) -> tuple[ImageClassifier, list[str]]:
     saved = torch.load(path, map_location="cpu", weights_only=True)
-    net = build_model(saved["model_name"], num_classes=len(saved["class_names"]),
-                      **saved["model_kwargs"])
+    net = build_model(
+        saved["model_name"], num_classes=len(saved["class_names"]), **saved["model_kwargs"]
+    )
     # mean/std are buffers: the state dict below overwrites these placeholders.
     model = ImageClassifier(net, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
     model.load_state_dict(saved["state_dict"])
@@ -181,11 +189,15 @@ def rgb_pixels(image: Image.Image) -> np.ndarray:
 
 def _mode_refusal(mode: str) -> str:
     why = _REFUSED_MODES.get(mode) or (
-        f"integers of another width or sign, {_NOT_FROM_OUR_FORMATS}" if mode.startswith("I;")
-        else "unknown to this model")
-    return (f"has image mode {mode!r} ({why}); accepted modes: "
-            f"{', '.join(_VIA_RGB_MODES + _VIA_RGBA_MODES)} and 16-bit grey "
-            f"({', '.join(_GREY16_MODES)})")
+        f"integers of another width or sign, {_NOT_FROM_OUR_FORMATS}"
+        if mode.startswith("I;")
+        else "unknown to this model"
+    )
+    return (
+        f"has image mode {mode!r} ({why}); accepted modes: "
+        f"{', '.join(_VIA_RGB_MODES + _VIA_RGBA_MODES)} and 16-bit grey "
+        f"({', '.join(_GREY16_MODES)})"
+    )
 
 
 def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
@@ -199,21 +211,25 @@ def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
         # open() only reads the header: the size is known before any pixel is decoded.
         image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
     except Image.DecompressionBombError as error:  # Pillow's own guard, far above ours
-        raise ValueError(f"is too large ({error}); the limit is {max_pixels:,} pixels "
-                         f"({ENV_PREFIX}MAX_PIXELS)") from None
+        raise ValueError(
+            f"is too large ({error}); the limit is {max_pixels:,} pixels ({ENV_PREFIX}MAX_PIXELS)"
+        ) from None
     except UnidentifiedImageError:
         size = _png_size(data)
         if size is not None and 0 in size:
             raise ValueError(f"is a PNG with a zero dimension ({size[0]}x{size[1]})") from None
-        raise ValueError("is not a valid PNG, JPEG, BMP or WebP image (unknown format or "
-                         "corrupt header)") from None
+        raise ValueError(
+            "is not a valid PNG, JPEG, BMP or WebP image (unknown format or corrupt header)"
+        ) from None
     except Exception as error:  # noqa: BLE001 - whatever fails on a client's file is its fault
         raise ValueError(f"has an unreadable header: {type(error).__name__}: {error}") from None
     with image:
         width, height = image.size
         if width * height > max_pixels:
-            raise ValueError(f"is {width}x{height} = {width * height:,} pixels, over the limit "
-                             f"of {max_pixels:,} ({ENV_PREFIX}MAX_PIXELS)")
+            raise ValueError(
+                f"is {width}x{height} = {width * height:,} pixels, over the limit "
+                f"of {max_pixels:,} ({ENV_PREFIX}MAX_PIXELS)"
+            )
         if image.mode not in ACCEPTED_MODES:  # known from the header: refused undecoded
             raise ValueError(_mode_refusal(image.mode))
         try:
@@ -237,18 +253,24 @@ def _file_bytes(cell, index: int, limits: Limits) -> bytes:
         text = cell.partition(",")[2] if cell.startswith("data:") else cell
         text = "".join(text.split())  # `base64` wraps its output at 76 columns
         if len(text) // 4 * 3 > limits.max_image_bytes:  # checked before decoding
-            raise bad_input(f"image {index}: about {len(text) // 4 * 3:,} bytes, over the "
-                            f"limit of {limits.max_image_bytes:,} ({ENV_PREFIX}MAX_IMAGE_BYTES)")
+            raise bad_input(
+                f"image {index}: about {len(text) // 4 * 3:,} bytes, over the "
+                f"limit of {limits.max_image_bytes:,} ({ENV_PREFIX}MAX_IMAGE_BYTES)"
+            )
         try:
             data = base64.b64decode(text, validate=True)
         except (binascii.Error, ValueError) as error:
             raise bad_input(f"image {index}: not valid base64 ({error})") from None
     else:
-        raise bad_input(f"image {index}: expected a base64-encoded image file, got "
-                        f"{type(cell).__name__} {reprlib.repr(cell)}")
+        raise bad_input(
+            f"image {index}: expected a base64-encoded image file, got "
+            f"{type(cell).__name__} {reprlib.repr(cell)}"
+        )
     if len(data) > limits.max_image_bytes:
-        raise bad_input(f"image {index}: {len(data):,} bytes, over the limit of "
-                        f"{limits.max_image_bytes:,} ({ENV_PREFIX}MAX_IMAGE_BYTES)")
+        raise bad_input(
+            f"image {index}: {len(data):,} bytes, over the limit of "
+            f"{limits.max_image_bytes:,} ({ENV_PREFIX}MAX_IMAGE_BYTES)"
+        )
     return data
 
 
@@ -268,8 +290,10 @@ def decode_files(cells: list, limits: Limits) -> np.ndarray:
     _check_count(len(cells), limits)
     total = sum(_encoded_size(cell) for cell in cells)
     if total > limits.max_request_bytes:
-        raise bad_input(f"the request carries about {total:,} bytes of images, over the limit "
-                        f"of {limits.max_request_bytes:,} ({ENV_PREFIX}MAX_REQUEST_BYTES)")
+        raise bad_input(
+            f"the request carries about {total:,} bytes of images, over the limit "
+            f"of {limits.max_request_bytes:,} ({ENV_PREFIX}MAX_REQUEST_BYTES)"
+        )
     images = np.empty((len(cells), IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
     for index, cell in enumerate(cells):
         try:
@@ -293,13 +317,17 @@ def pixel_array(array: np.ndarray, limits: Limits) -> np.ndarray:
     so that int64 pixels from JSON and uint8 ones from Python meet the same limit.
     """
     if array.ndim != 4 or array.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE, 3):
-        raise bad_input(f"expected image arrays of shape {_PIXELS_SHAPE} (uint8 RGB) or a column "
-                        f"{IMAGE_COLUMN!r} of encoded images; got an array of shape {array.shape}")
+        raise bad_input(
+            f"expected image arrays of shape {_PIXELS_SHAPE} (uint8 RGB) or a column "
+            f"{IMAGE_COLUMN!r} of encoded images; got an array of shape {array.shape}"
+        )
     _check_count(len(array), limits)
     size = len(array) * IMAGE_SIZE * IMAGE_SIZE * 3
     if size > limits.max_request_bytes:
-        raise bad_input(f"the request carries {size:,} bytes of pixels, over the limit "
-                        f"of {limits.max_request_bytes:,} ({ENV_PREFIX}MAX_REQUEST_BYTES)")
+        raise bad_input(
+            f"the request carries {size:,} bytes of pixels, over the limit "
+            f"of {limits.max_request_bytes:,} ({ENV_PREFIX}MAX_REQUEST_BYTES)"
+        )
     if array.dtype.kind not in "iu":
         raise bad_input(f"expected uint8 pixels (integers 0..255); got dtype {array.dtype}")
     if array.dtype != np.uint8:
@@ -315,13 +343,17 @@ def _check_count(count: int, limits: Limits) -> None:
     if count == 0:
         raise bad_input("the request holds no images")
     if count > limits.max_images:
-        raise bad_input(f"the request holds {count:,} images, over the limit of "
-                        f"{limits.max_images:,} ({ENV_PREFIX}MAX_IMAGES); split it")
+        raise bad_input(
+            f"the request holds {count:,} images, over the limit of "
+            f"{limits.max_images:,} ({ENV_PREFIX}MAX_IMAGES); split it"
+        )
 
 
 _FILE_TYPES = (str, bytes, bytearray, memoryview)
-_FORMS = (f"a DataFrame with a column {IMAGE_COLUMN!r} of image files, a dict "
-          f"{{{IMAGE_COLUMN!r}: [files]}}, a list of files, or integer pixels {_PIXELS_SHAPE}")
+_FORMS = (
+    f"a DataFrame with a column {IMAGE_COLUMN!r} of image files, a dict "
+    f"{{{IMAGE_COLUMN!r}: [files]}}, a list of files, or integer pixels {_PIXELS_SHAPE}"
+)
 
 
 def _file_cells(values, where: str) -> list:
@@ -336,13 +368,17 @@ def _file_cells(values, where: str) -> list:
         if values.dtype.kind == "S":
             # numpy pads bytes items with NULs and strips every trailing NUL on reading,
             # so a file that ends in 0 (a BMP's row padding) comes back truncated.
-            raise bad_input(f"{where} is a numpy bytes array (dtype {values.dtype}), which "
-                            "drops each file's trailing zero bytes; pass a list or an "
-                            "object array of bytes")
+            raise bad_input(
+                f"{where} is a numpy bytes array (dtype {values.dtype}), which "
+                "drops each file's trailing zero bytes; pass a list or an "
+                "object array of bytes"
+            )
         if values.ndim <= 1 and values.dtype.kind in "UO":
             return np.atleast_1d(values).tolist()
-        raise bad_input(f"{where} must be a 1-D array of image files (str or object "
-                        f"dtype); got an array of dtype {values.dtype} and shape {values.shape}")
+        raise bad_input(
+            f"{where} must be a 1-D array of image files (str or object "
+            f"dtype); got an array of dtype {values.dtype} and shape {values.shape}"
+        )
     raise bad_input(f"{where} must be a list of image files; got {type(values).__name__}")
 
 
@@ -360,18 +396,24 @@ def to_images(model_input, limits: Limits) -> np.ndarray:
     if isinstance(model_input, pd.DataFrame):
         columns = [str(c) for c in model_input.columns]
         if IMAGE_COLUMN not in columns:
-            raise bad_input(f"expected a column {IMAGE_COLUMN!r} of base64-encoded image files; "
-                            f"got columns {columns}")
+            raise bad_input(
+                f"expected a column {IMAGE_COLUMN!r} of base64-encoded image files; "
+                f"got columns {columns}"
+            )
         if columns.count(IMAGE_COLUMN) > 1:  # df[name] would be a DataFrame, not a column
-            raise bad_input(f"the column {IMAGE_COLUMN!r} appears {columns.count(IMAGE_COLUMN)} "
-                            "times; send it once")
+            raise bad_input(
+                f"the column {IMAGE_COLUMN!r} appears {columns.count(IMAGE_COLUMN)} "
+                "times; send it once"
+            )
         return decode_files(model_input[IMAGE_COLUMN].tolist(), limits)
     if isinstance(model_input, pd.Series):
         return decode_files(model_input.tolist(), limits)
     if isinstance(model_input, dict):  # {"inputs": {"image": [...]}} over HTTP
         if IMAGE_COLUMN not in model_input:
-            raise bad_input(f"expected a key {IMAGE_COLUMN!r} of base64-encoded image files; "
-                            f"got keys {[str(k) for k in model_input]}")
+            raise bad_input(
+                f"expected a key {IMAGE_COLUMN!r} of base64-encoded image files; "
+                f"got keys {[str(k) for k in model_input]}"
+            )
         return decode_files(_file_cells(model_input[IMAGE_COLUMN], f"{IMAGE_COLUMN!r}"), limits)
     if isinstance(model_input, (list, tuple)):
         _check_count(len(model_input), limits)  # files or images: one item each
@@ -381,8 +423,9 @@ def to_images(model_input, limits: Limits) -> np.ndarray:
         try:
             model_input = np.asarray(model_input)
         except (ValueError, TypeError) as error:  # ragged nesting, unconvertible items
-            raise bad_input(f"expected {_FORMS}; got a list numpy cannot make an array of "
-                            f"({error})") from None
+            raise bad_input(
+                f"expected {_FORMS}; got a list numpy cannot make an array of ({error})"
+            ) from None
     if not isinstance(model_input, np.ndarray):
         raise bad_input(f"expected {_FORMS}; got {type(model_input).__name__}")
     if model_input.ndim <= 1 and model_input.dtype.kind in "USO":  # {"inputs": ["<b64>", ...]}
@@ -416,8 +459,9 @@ class _PythonModelWithoutHintWarning(mlflow.pyfunc.PythonModel):
             super().__init_subclass__(**kwargs)
         for warning in caught:
             if _TYPE_HINT_WARNING not in str(warning.message):
-                warnings.warn_explicit(warning.message, warning.category, warning.filename,
-                                       warning.lineno)
+                warnings.warn_explicit(
+                    warning.message, warning.category, warning.filename, warning.lineno
+                )
 
 
 class CifarClassifier(_PythonModelWithoutHintWarning):
@@ -442,11 +486,13 @@ class CifarClassifier(_PythonModelWithoutHintWarning):
         images = to_images(model_input, self.limits)
         probabilities = self.probabilities(images, tta)
         indices = probabilities.argmax(1)
-        return pd.DataFrame({
-            "class_name": [self.class_names[i] for i in indices],
-            "class_index": indices.astype(np.int64),
-            "probabilities": probabilities.tolist(),
-        })
+        return pd.DataFrame(
+            {
+                "class_name": [self.class_names[i] for i in indices],
+                "class_index": indices.astype(np.int64),
+                "probabilities": probabilities.tolist(),
+            }
+        )
 
     @torch.inference_mode()
     def probabilities(self, images: np.ndarray, tta: str = "none") -> np.ndarray:
@@ -458,7 +504,7 @@ class CifarClassifier(_PythonModelWithoutHintWarning):
         step = max(1, _CHUNK // len(views))
         out = []
         for start in range(0, len(images), step):
-            x = torch.from_numpy(images[start:start + step]).permute(0, 3, 1, 2).to(self.device)
+            x = torch.from_numpy(images[start : start + step]).permute(0, 3, 1, 2).to(self.device)
             # As engine.predict_logits: all views in one forward pass, softmax averaged
             # over them (not the logits), so eval_tta measured exactly this answer.
             probs = self.model(torch.cat([view(x) for view in views])).float().softmax(1)

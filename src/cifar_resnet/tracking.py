@@ -12,8 +12,9 @@ import contextlib
 import os
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import mlflow
 import yaml
@@ -27,9 +28,13 @@ _MAX_PARAM_CHARS = 6000
 
 
 @contextlib.contextmanager
-def training_run(experiment_name: str, resume_run_id: str | None = None,
-                 run_name: str | None = None, tags: dict | None = None,
-                 system_metrics: bool = False) -> Iterator[mlflow.ActiveRun]:
+def training_run(
+    experiment_name: str,
+    resume_run_id: str | None = None,
+    run_name: str | None = None,
+    tags: dict | None = None,
+    system_metrics: bool = False,
+) -> Iterator[mlflow.ActiveRun]:
     """Start (or re-open, for resume) the run of one training.
 
     Under ``mlflow run`` the launcher has already created a run (MLFLOW_RUN_ID);
@@ -39,22 +44,26 @@ def training_run(experiment_name: str, resume_run_id: str | None = None,
     (``system/...`` metrics), for runs that train; MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING
     =false turns it off.
     """
-    if system_metrics and os.environ.get("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "").lower() \
-            in ("false", "0"):
+    if system_metrics and os.environ.get("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "").lower() in (
+        "false",
+        "0",
+    ):
         system_metrics = False
     launcher_run = os.environ.get("MLFLOW_RUN_ID")
     if resume_run_id:
         if launcher_run and launcher_run != resume_run_id:
             MlflowClient().set_tag(launcher_run, "cifar_resnet.resumed_run", resume_run_id)
             os.environ.pop("MLFLOW_RUN_ID")
-        with _killed_on_interrupt(mlflow.start_run(run_id=resume_run_id,
-                                                   log_system_metrics=system_metrics)) as run:
+        with _killed_on_interrupt(
+            mlflow.start_run(run_id=resume_run_id, log_system_metrics=system_metrics)
+        ) as run:
             yield run
         return
     if not launcher_run:
         mlflow.set_experiment(experiment_name)
-    with _killed_on_interrupt(mlflow.start_run(run_name=run_name, tags=tags,
-                                               log_system_metrics=system_metrics)) as run:
+    with _killed_on_interrupt(
+        mlflow.start_run(run_name=run_name, tags=tags, log_system_metrics=system_metrics)
+    ) as run:
         yield run
 
 
@@ -104,12 +113,15 @@ def settings_source_tags(run_id: str) -> dict[str, str]:
     try:
         run = MlflowClient().get_run(run_id)
     except MlflowException:
-        raise ConfigError(f"settings_from_run={run_id}: no such MLflow run in "
-                          f"{tracking_uri()}") from None
+        raise ConfigError(
+            f"settings_from_run={run_id}: no such MLflow run in {tracking_uri()}"
+        ) from None
     value = run.data.metrics.get("best_val_acc")
     if value is None or not math.isfinite(value):
-        raise ConfigError(f"settings_from_run={run_id}: that run has no best_val_acc; name "
-                          "the run that chose these settings on the validation split")
+        raise ConfigError(
+            f"settings_from_run={run_id}: that run has no best_val_acc; name "
+            "the run that chose these settings on the validation split"
+        )
     return {"settings_from_run": run_id, "val_acc": f"{value:.4f}"}
 
 
@@ -146,8 +158,10 @@ class EpochMetricLogger:
     def log_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
         # One batch: an epoch's metrics land together or not at all.
         now = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[
-            Metric(key, float(value), now, epoch) for key, value in metrics.items()])
+        self.client.log_batch(
+            self.run_id,
+            metrics=[Metric(key, float(value), now, epoch) for key, value in metrics.items()],
+        )
 
     def last_logged_epoch(self, key: str = "train_loss") -> int:
         history = self.client.get_metric_history(self.run_id, key)
@@ -171,8 +185,14 @@ def log_environment() -> None:
     with the seed and the resolved precision, what it takes to get the same run again."""
     from importlib import metadata
 
-    lines = sorted({f"{d.metadata['Name']}=={d.version}" for d in metadata.distributions()
-                    if d.metadata["Name"]}, key=str.lower)
+    lines = sorted(
+        {
+            f"{d.metadata['Name']}=={d.version}"
+            for d in metadata.distributions()
+            if d.metadata["Name"]
+        },
+        key=str.lower,
+    )
     mlflow.log_text("\n".join(lines) + "\n", "environment/requirements.txt")
 
 
@@ -188,11 +208,20 @@ def log_dataset(md5: dict[str, str], train: int, val: int, test: int, split_seed
     digest = hashlib.md5("".join(f"{k}:{v};" for k, v in sorted(md5.items())).encode())
     dataset = MetaDataset(
         source=HTTPDatasetSource("https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"),
-        name="cifar10", digest=digest.hexdigest()[:8],
-        schema=Schema([ColSpec(DataType.binary, "image"), ColSpec(DataType.long, "label")]))
-    mlflow.log_input(dataset, context="training", tags={
-        "train_images": str(train), "val_images": str(val), "test_images": str(test),
-        "split_seed": str(split_seed)})
+        name="cifar10",
+        digest=digest.hexdigest()[:8],
+        schema=Schema([ColSpec(DataType.binary, "image"), ColSpec(DataType.long, "label")]),
+    )
+    mlflow.log_input(
+        dataset,
+        context="training",
+        tags={
+            "train_images": str(train),
+            "val_images": str(val),
+            "test_images": str(test),
+            "split_seed": str(split_seed),
+        },
+    )
 
 
 def _param_value(value: Any) -> str:
@@ -208,8 +237,13 @@ def processor_name() -> str:
 
 def git_commit() -> str:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                             timeout=5, cwd=Path(__file__).resolve().parent)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            cwd=Path(__file__).resolve().parent,
+        )
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -235,8 +269,9 @@ def log_files(paths: list[Path], artifact_path: str | None = None) -> None:
         mlflow.log_artifact(str(path), artifact_path)
 
 
-def register_model(model_uri: str, name: str, tags: dict[str, Any],
-                   description: str | None = None) -> Any:
+def register_model(
+    model_uri: str, name: str, tags: dict[str, Any], description: str | None = None
+) -> Any:
     """Register ``model_uri`` as a new version of ``name``, tag and describe it."""
     version = mlflow.register_model(model_uri, name)
     client = MlflowClient()
@@ -269,18 +304,28 @@ def log_classifier(weights: Path, example_images, name: str = "model") -> Any:
 
     from . import serving
 
-    example = pd.DataFrame({serving.IMAGE_COLUMN: [
-        base64.b64encode(serving.encode_png(image)).decode("ascii")
-        for image in np.asarray(example_images[:2], dtype=np.uint8)]})
+    example = pd.DataFrame(
+        {
+            serving.IMAGE_COLUMN: [
+                base64.b64encode(serving.encode_png(image)).decode("ascii")
+                for image in np.asarray(example_images[:2], dtype=np.uint8)
+            ]
+        }
+    )
     # No input schema on purpose: a column schema makes MLflow reject pixel arrays
     # before predict sees them, a tensor schema rejects the image column. predict
     # validates both forms itself, with messages that say what is wrong.
     signature = ModelSignature(
         inputs=None,
-        outputs=Schema([ColSpec(DataType.string, "class_name"),
-                        ColSpec(DataType.long, "class_index"),
-                        ColSpec(Array(DataType.float), "probabilities")]),
-        params=ParamSchema([ParamSpec("tta", DataType.string, "none")]))
+        outputs=Schema(
+            [
+                ColSpec(DataType.string, "class_name"),
+                ColSpec(DataType.long, "class_index"),
+                ColSpec(Array(DataType.float), "probabilities"),
+            ]
+        ),
+        params=ParamSchema([ParamSpec("tta", DataType.string, "none")]),
+    )
 
     def requirement(package: str) -> str:
         try:
@@ -289,13 +334,23 @@ def log_classifier(weights: Path, example_images, name: str = "model") -> Any:
             return package
 
     return mlflow.pyfunc.log_model(
-        name=name, python_model=str(Path(serving.__file__).with_name("serving_model.py")),
+        name=name,
+        python_model=str(Path(serving.__file__).with_name("serving_model.py")),
         artifacts={serving.WEIGHTS_ARTIFACT: str(weights)},
         code_paths=[str(Path(serving.__file__).parent)],
-        signature=signature, input_example=example,
-        metadata={"input": f"column {serving.IMAGE_COLUMN!r}: base64 PNG/JPEG/BMP/WebP files, "
-                           "or uint8 pixels (N, 32, 32, 3) via 'inputs'",
-                  "tta": list(serving.TTA_MODES)},
-        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", requirement("numpy"),
-                          requirement("pandas"), requirement("pillow"),
-                          requirement("opencv-python-headless"), requirement("mlflow")])
+        signature=signature,
+        input_example=example,
+        metadata={
+            "input": f"column {serving.IMAGE_COLUMN!r}: base64 PNG/JPEG/BMP/WebP files, "
+            "or uint8 pixels (N, 32, 32, 3) via 'inputs'",
+            "tta": list(serving.TTA_MODES),
+        },
+        pip_requirements=[
+            f"torch=={torch.__version__.split('+')[0]}",
+            requirement("numpy"),
+            requirement("pandas"),
+            requirement("pillow"),
+            requirement("opencv-python-headless"),
+            requirement("mlflow"),
+        ],
+    )

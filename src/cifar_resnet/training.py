@@ -36,8 +36,13 @@ class Training:
         return hardware.autocast_dtype(self.settings.train.precision)
 
 
-def prepare(settings: TrainSettings, splits: data.CifarSplits, device: torch.device, *,
-            initial_state_dict: dict | None = None) -> Training:
+def prepare(
+    settings: TrainSettings,
+    splits: data.CifarSplits,
+    device: torch.device,
+    *,
+    initial_state_dict: dict | None = None,
+) -> Training:
     """Seed everything, then build the network, the epoch's loaders and the training parts.
 
     ``settings.train.precision`` must be resolved (fp32, bf16 or fp16; see
@@ -49,8 +54,7 @@ def prepare(settings: TrainSettings, splits: data.CifarSplits, device: torch.dev
     engine.seed_everything(settings.seed)
     net = pipeline.build_network(settings.model)
     batches = pipeline.train_batches(settings, splits, device)
-    parts = pipeline.build_parts(settings, net, splits, pipeline.steps_per_epoch(batches),
-                                 device)
+    parts = pipeline.build_parts(settings, net, splits, pipeline.steps_per_epoch(batches), device)
     if initial_state_dict is not None:
         # Normalisation buffers included: the weights learnt with their source's mean/std.
         parts.model.load_state_dict(initial_state_dict)
@@ -61,9 +65,14 @@ def prepare(settings: TrainSettings, splits: data.CifarSplits, device: torch.dev
     return Training(settings, device, splits, parts, batches, count_parameters(net))
 
 
-def fit(training: Training, *, resume: dict | None = None, logger=None,
-        checkpoint_dir: Path | None = None, checkpoint_extra: dict | None = None
-        ) -> engine.TrainState:
+def fit(
+    training: Training,
+    *,
+    resume: dict | None = None,
+    logger=None,
+    checkpoint_dir: Path | None = None,
+    checkpoint_extra: dict | None = None,
+) -> engine.TrainState:
     """Train ``training`` to ``settings.train.epochs``, validating, checkpointing and
     logging each epoch (see ``engine.fit``).
 
@@ -79,13 +88,27 @@ def fit(training: Training, *, resume: dict | None = None, logger=None,
             for epoch, metrics in engine.unlogged_epochs(state, last_logged()):
                 logger.log_epoch(epoch, metrics)
     s = training.settings
-    return pipeline.run_fit(s, training.splits, training.parts, training.batches,
-                           training.device, state=state, checkpoint_dir=checkpoint_dir,
-                           checkpoint_extra=checkpoint_extra, logger=logger)
+    return pipeline.run_fit(
+        s,
+        training.splits,
+        training.parts,
+        training.batches,
+        training.device,
+        state=state,
+        checkpoint_dir=checkpoint_dir,
+        checkpoint_extra=checkpoint_extra,
+        logger=logger,
+    )
 
 
-def train(settings: TrainSettings, splits: data.CifarSplits, device: torch.device, *,
-          logger=None, checkpoint_dir: Path | None = None) -> tuple[Training, engine.TrainState]:
+def train(
+    settings: TrainSettings,
+    splits: data.CifarSplits,
+    device: torch.device,
+    *,
+    logger=None,
+    checkpoint_dir: Path | None = None,
+) -> tuple[Training, engine.TrainState]:
     """``prepare`` then ``fit``: one whole training, as a tune trial or a test runs it."""
     training = prepare(settings, splits, device)
     return training, fit(training, logger=logger, checkpoint_dir=checkpoint_dir)
@@ -98,5 +121,6 @@ def test_once(training: Training, checkpoint_dir: Path) -> tuple[dict[str, float
     Returns the metrics (``test_acc``, ``test_loss``, and ``test_acc_tta_<views>`` when
     ``train.tta`` names a view set) and the (N, 10) float32 test logits on the CPU.
     """
-    return pipeline.test_chosen_checkpoint(training.settings, training.splits, training.parts,
-                                           checkpoint_dir, training.device)
+    return pipeline.test_chosen_checkpoint(
+        training.settings, training.splits, training.parts, checkpoint_dir, training.device
+    )

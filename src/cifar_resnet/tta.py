@@ -16,7 +16,7 @@ not normalised, the model normalises) to a batch of the same shape and dtype.
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -76,7 +76,7 @@ def _as_pixels(x: Tensor, compute: Callable[[Tensor], Tensor]) -> Tensor:
 
 
 def _gaussian_kernel3(sigma: float) -> Tensor:
-    taps = torch.exp(-torch.tensor([-1.0, 0.0, 1.0]) ** 2 / (2 * sigma**2))
+    taps = torch.exp(-(torch.tensor([-1.0, 0.0, 1.0]) ** 2) / (2 * sigma**2))
     taps = taps / taps.sum()
     return taps[:, None] * taps[None, :]
 

@@ -15,14 +15,16 @@ import copy
 import functools
 import math
 import random
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, SequentialSampler
 
-if TYPE_CHECKING:
-    from ..batch_augment import BatchAugment
+# What TensorLoader calls on each batch: (uint8 NCHW images, their dataset indices, epoch,
+# generator, seed=...) -> augmented images; batch_augment.BatchAugment is one. A protocol
+# here, not an import, so that data stays below augmentation in the stack.
+BatchTransform = Callable[..., torch.Tensor]
 
 # --------------------------------------------------------------------------- seeding
 
@@ -200,7 +202,7 @@ class TensorLoader:
         device: torch.device | str,
         shuffle: bool = False,
         drop_last: bool = False,
-        augment: BatchAugment | None = None,
+        augment: BatchTransform | None = None,
         seed: int = 0,
         repeats: int = 1,
     ):

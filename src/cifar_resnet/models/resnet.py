@@ -58,14 +58,20 @@ class BasicBlock(nn.Module):
         return torch.relu(residual + self.shortcut(x))
 
 
-def _make_shortcut(in_channels: int, out_channels: int, stride: int, style: ShortcutStyle) -> nn.Module:
+def _make_shortcut(
+    in_channels: int, out_channels: int, stride: int, style: ShortcutStyle
+) -> nn.Module:
     if stride == 1 and in_channels == out_channels:
         return nn.Identity()
     if style == "avgpool":
         pool = [nn.AvgPool2d(stride)] if stride > 1 else []
-        return nn.Sequential(*pool, conv1x1(in_channels, out_channels), nn.BatchNorm2d(out_channels))
+        return nn.Sequential(
+            *pool, conv1x1(in_channels, out_channels), nn.BatchNorm2d(out_channels)
+        )
     if style == "strided":
-        return nn.Sequential(conv1x1(in_channels, out_channels, stride), nn.BatchNorm2d(out_channels))
+        return nn.Sequential(
+            conv1x1(in_channels, out_channels, stride), nn.BatchNorm2d(out_channels)
+        )
     raise ValueError(f"unknown shortcut style {style!r}; expected 'avgpool' or 'strided'")
 
 

@@ -17,7 +17,9 @@ class ConvBNAct(nn.Sequential):
     actually sees and runs BN on a quarter of the pixels.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, act: str, bn_momentum: float, pool: bool = False):
+    def __init__(
+        self, in_channels: int, out_channels: int, act: str, bn_momentum: float, pool: bool = False
+    ):
         layers: list[nn.Module] = [conv3x3(in_channels, out_channels)]
         if pool:
             layers.append(nn.MaxPool2d(2))
@@ -66,7 +68,9 @@ class ResNet9(nn.Module):
             ConvBNAct(width2, width3, act, bn_momentum, pool=True),
             Residual(width3, act, bn_momentum),
         )
-        self.head = nn.Sequential(nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(width3, num_classes, bias=False))
+        self.head = nn.Sequential(
+            nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(width3, num_classes, bias=False)
+        )
         self.logit_scale = logit_scale
         init_weights_(self)
 
@@ -94,4 +98,6 @@ def resnet9(
     counts friendly to vectorised and tensor-core kernels.
     """
     scaled = tuple(max(8, round(w * width / 8) * 8) for w in widths)
-    return ResNet9(scaled, num_classes=num_classes, act=act, bn_momentum=bn_momentum, logit_scale=logit_scale)
+    return ResNet9(
+        scaled, num_classes=num_classes, act=act, bn_momentum=bn_momentum, logit_scale=logit_scale
+    )

@@ -50,10 +50,15 @@ class WhitenedStage(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int, bn_momentum: float):
         super().__init__()
-        self.entry = nn.Sequential(_conv3x3(in_channels, out_channels), nn.MaxPool2d(2),
-                                   _batch_norm(out_channels, bn_momentum), nn.GELU())
-        self.residual = nn.Sequential(_conv3x3(out_channels, out_channels),
-                                      _batch_norm(out_channels, bn_momentum), nn.GELU())
+        self.entry = nn.Sequential(
+            _conv3x3(in_channels, out_channels),
+            nn.MaxPool2d(2),
+            _batch_norm(out_channels, bn_momentum),
+            nn.GELU(),
+        )
+        self.residual = nn.Sequential(
+            _conv3x3(out_channels, out_channels), _batch_norm(out_channels, bn_momentum), nn.GELU()
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.entry(x)
@@ -81,8 +86,9 @@ class WhitenedResNet(nn.Module):
         with torch.no_grad():
             # A private generator: the global random stream (hence every other layer's
             # init for a given seed) is the same as if the stem took none.
-            noise = torch.randn(stem_width // 2, stem_width // 2,
-                                generator=torch.Generator().manual_seed(0))
+            noise = torch.randn(
+                stem_width // 2, stem_width // 2, generator=torch.Generator().manual_seed(0)
+            )
             basis = torch.linalg.qr(noise).Q
             self._set_stem_filters(basis.T.reshape(-1, 3, patch_size, patch_size))
             self.stem.bias.zero_()
@@ -91,8 +97,9 @@ class WhitenedResNet(nn.Module):
             stages.append(WhitenedStage(in_channels, width, bn_momentum))
             in_channels = width
         self.stages = nn.Sequential(*stages)
-        self.head = nn.Sequential(nn.AdaptiveMaxPool2d(1), nn.Flatten(),
-                                  nn.Linear(in_channels, num_classes, bias=False))
+        self.head = nn.Sequential(
+            nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(in_channels, num_classes, bias=False)
+        )
         self.act = nn.GELU()
         self.logit_scale = logit_scale
 

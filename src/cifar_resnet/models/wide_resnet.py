@@ -31,7 +31,9 @@ class PreActBlock(nn.Module):
 class WideResNet(nn.Module):
     """WRN-depth-k: conv stem, three stages of (depth - 4) / 6 blocks at 16k/32k/64k channels. Returns logits."""
 
-    def __init__(self, depth: int = 16, widen_factor: int = 4, dropout: float = 0.0, num_classes: int = 10):
+    def __init__(
+        self, depth: int = 16, widen_factor: int = 4, dropout: float = 0.0, num_classes: int = 10
+    ):
         super().__init__()
         if depth < 10 or (depth - 4) % 6 != 0:
             raise ValueError(f"WRN depth must be 6n + 4 with n >= 1, got {depth}")
@@ -63,6 +65,10 @@ class WideResNet(nn.Module):
         return self.head(self.stages(self.stem(x)))
 
 
-def wide_resnet(num_classes: int = 10, depth: int = 16, widen_factor: int = 4, dropout: float = 0.0) -> WideResNet:
+def wide_resnet(
+    num_classes: int = 10, depth: int = 16, widen_factor: int = 4, dropout: float = 0.0
+) -> WideResNet:
     """WRN-16-4 by default (about 2.75M parameters)."""
-    return WideResNet(depth=depth, widen_factor=widen_factor, dropout=dropout, num_classes=num_classes)
+    return WideResNet(
+        depth=depth, widen_factor=widen_factor, dropout=dropout, num_classes=num_classes
+    )

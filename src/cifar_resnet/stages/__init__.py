@@ -10,8 +10,8 @@ import os
 import re
 import shlex
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from ..errors import UserError
 
@@ -49,8 +49,10 @@ def mlproject_argv(argv: list[str], aliases: dict[str, str]) -> list[str]:
             try:
                 out.extend(shlex.split(value))
             except ValueError as err:  # an unclosed quote
-                raise ParameterError(f"-P overrides={value!r}: {err}; it is a command line "
-                                     "of Hydra overrides, split as a shell splits it") from None
+                raise ParameterError(
+                    f"-P overrides={value!r}: {err}; it is a command line "
+                    "of Hydra overrides, split as a shell splits it"
+                ) from None
         elif sep and key in aliases:
             if value.strip():
                 out.append(parameter_override(key, aliases[key], value))
@@ -70,8 +72,9 @@ def parameter_override(name: str, key: str, value: str) -> str:
     if "." not in key and group.is_dir():
         options = sorted(p.stem for p in group.glob("*.yaml"))
         if value.strip() not in options:
-            raise ParameterError(f"-P {name}={value!r} must be one of {', '.join(options)} "
-                                 f"(the {key} group)")
+            raise ParameterError(
+                f"-P {name}={value!r} must be one of {', '.join(options)} (the {key} group)"
+            )
         return f"{key}={value.strip()}"
     from ..config import key_type
 
@@ -104,8 +107,7 @@ def hydra_quoted(text: str) -> str:
     text = re.sub(r"(\\*)\$\{", lambda m: m.group(1) * 2 + "\\${", text)
     # Inside Hydra's '...', a quote is escaped as \' and the backslashes right before a
     # quote (or before the closing one) are halved; backslashes elsewhere are literal.
-    text = re.sub(r"(\\*)('|\Z)", lambda m: m.group(1) * 2 + ("\\'" if m.group(2) else ""),
-                  text)
+    text = re.sub(r"(\\*)('|\Z)", lambda m: m.group(1) * 2 + ("\\'" if m.group(2) else ""), text)
     return f"'{text}'"
 
 
@@ -150,8 +152,9 @@ def hydra_recomposer(config_name: str) -> Callable[[str], object]:
     from hydra import compose
 
     overrides = [o for o in task_overrides() if not o.lstrip("+~").startswith("recipe=")]
-    return lambda recipe: compose(config_name=config_name,
-                                  overrides=[*overrides, f"recipe={recipe}"])
+    return lambda recipe: compose(
+        config_name=config_name, overrides=[*overrides, f"recipe={recipe}"]
+    )
 
 
 class ParameterError(UserError):

@@ -12,19 +12,20 @@ import torch
 from omegaconf import DictConfig
 
 from .. import registry, tuning
-from ..experiment import train_and_register
 from ..config import FinetuneSettings, section_settings, to_container, train_settings
 from ..data import CIFAR10_CLASSES
 from ..errors import UserError
+from ..experiment import train_and_register
 from . import CONF_DIR, hydra_recomposer, launch, report_user_errors, resolve_recipe
 
-
 # MLproject parameter -> the config key (or group) it sets; `overrides` is the rest.
-PARAMETERS = {"model_uri": "finetune.model_uri",
-              "epochs": "train.epochs",
-              "from_study": "finetune.from_study",
-              "lr": "optim.lr",
-              "weight_decay": "optim.weight_decay"}
+PARAMETERS = {
+    "model_uri": "finetune.model_uri",
+    "epochs": "train.epochs",
+    "from_study": "finetune.from_study",
+    "lr": "optim.lr",
+    "weight_decay": "optim.weight_decay",
+}
 
 
 @hydra.main(config_path=CONF_DIR, config_name="finetune", version_base="1.3")
@@ -40,22 +41,38 @@ def main(cfg: DictConfig) -> None:
         study = tuning.load_study(settings.from_study, settings.storage)
         best, params = tuning.best_params(study)
         config = tuning.with_values(config, params)
-        tags.update({"finetune.from_study": settings.from_study,
-                     "finetune.best_trial": str(best.number)})
-        print(f"study {settings.from_study!r}: best trial {best.number} "
-              f"(val_acc {best.value:.4f}): {params}", flush=True)
+        tags.update(
+            {"finetune.from_study": settings.from_study, "finetune.best_trial": str(best.number)}
+        )
+        print(
+            f"study {settings.from_study!r}: best trial {best.number} "
+            f"(val_acc {best.value:.4f}): {params}",
+            flush=True,
+        )
 
     # save_weights' layout: the architecture travels with the weights, so model= is ignored.
     saved = torch.load(registry.download_weights(source), map_location="cpu", weights_only=True)
     if list(saved["class_names"]) != list(CIFAR10_CLASSES):
-        raise UserError(f"{settings.model_uri} predicts {saved['class_names']}, "
-                        "not the CIFAR-10 classes")
-    config["model"] = {**config["model"], "name": saved["model_name"],
-                       "kwargs": dict(saved["model_kwargs"])}
-    print(f"fine-tuning {source.label} ({saved['model_name']}) for "
-          f"{config['train']['epochs']} epochs at lr {config['optim']['lr']}", flush=True)
-    train_and_register(train_settings(config), config, initial_state_dict=saved["state_dict"],
-                       extra_tags=tags, requested_recipe=requested_recipe)
+        raise UserError(
+            f"{settings.model_uri} predicts {saved['class_names']}, not the CIFAR-10 classes"
+        )
+    config["model"] = {
+        **config["model"],
+        "name": saved["model_name"],
+        "kwargs": dict(saved["model_kwargs"]),
+    }
+    print(
+        f"fine-tuning {source.label} ({saved['model_name']}) for "
+        f"{config['train']['epochs']} epochs at lr {config['optim']['lr']}",
+        flush=True,
+    )
+    train_and_register(
+        train_settings(config),
+        config,
+        initial_state_dict=saved["state_dict"],
+        extra_tags=tags,
+        requested_recipe=requested_recipe,
+    )
 
 
 if __name__ == "__main__":

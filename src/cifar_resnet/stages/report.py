@@ -13,7 +13,6 @@ from .. import registry, results, tracking
 from ..config import RegistrySettings, section_settings, to_container
 from . import CONF_DIR, launch, report_user_errors
 
-
 # MLproject parameter -> the config key (or group) it sets; `overrides` is the rest.
 PARAMETERS = {"model_name": "registry.model_name"}
 
@@ -28,8 +27,11 @@ def main(cfg: DictConfig) -> None:
         raise registry.RegistryError(f"model {name!r} has no versions; train one first")
     text = results.markdown(table)
     print(f"## {name}\n\n{text}", flush=True)
-    with tracking.training_run(config["experiment_name"], run_name=f"report {name}",
-                               tags={"model_name": name, "versions": str(len(table))}) as run:
+    with tracking.training_run(
+        config["experiment_name"],
+        run_name=f"report {name}",
+        tags={"model_name": name, "versions": str(len(table))},
+    ) as run:
         tracking.log_text(text, "results.md")
         tracking.log_text(results.csv_text(table), "results.csv")
         print(f"logged results.md and results.csv to run {run.info.run_id}", flush=True)

@@ -1,7 +1,7 @@
 """`mlflow run . -e train`: train one model, track it, register it.
 
-    python -m cifar_resnet.stages.train model=resnet18_slim train.epochs=30
-    python -m cifar_resnet.stages.train resume=<mlflow run id>
+python -m cifar_resnet.stages.train model=resnet18_slim train.epochs=30
+python -m cifar_resnet.stages.train resume=<mlflow run id>
 """
 
 from __future__ import annotations
@@ -12,8 +12,7 @@ from omegaconf import DictConfig
 
 from .. import experiment
 from ..config import ConfigError, to_container, train_settings
-from . import (CONF_DIR, hydra_recomposer, launch, report_user_errors, resolve_recipe,
-               task_overrides)
+from . import CONF_DIR, hydra_recomposer, launch, report_user_errors, resolve_recipe, task_overrides
 
 # What may come with resume=: where the checkpoints are. Anything else would make the
 # resumed run differ from the one it continues.
@@ -21,8 +20,7 @@ RESUME_OVERRIDES = ("resume", "train.checkpoint_dir")
 
 
 # MLproject parameter -> the config key (or group) it sets; `overrides` is the rest.
-PARAMETERS = {"epochs": "train.epochs",
-              "model": "model"}
+PARAMETERS = {"epochs": "train.epochs", "model": "model"}
 
 
 @hydra.main(config_path=CONF_DIR, config_name="train", version_base="1.3")
@@ -32,18 +30,26 @@ def main(cfg: DictConfig) -> None:
     checkpoint = None
     requested_recipe = None
     if resume:
-        extra = [o for o in task_overrides() if o.split("=", 1)[0].lstrip("+~")
-                 not in RESUME_OVERRIDES]
+        extra = [
+            o for o in task_overrides() if o.split("=", 1)[0].lstrip("+~") not in RESUME_OVERRIDES
+        ]
         if extra:
-            raise ConfigError(f"resume={resume} continues the run with its own config; "
-                              f"drop the overrides {' '.join(extra)}")
+            raise ConfigError(
+                f"resume={resume} continues the run with its own config; "
+                f"drop the overrides {' '.join(extra)}"
+            )
         checkpoint = experiment.load_resume_checkpoint(cfg.train.checkpoint_dir, resume)
         config = yaml.safe_load(checkpoint["config"])
     else:
         cfg, requested_recipe = resolve_recipe(cfg, hydra_recomposer("train"))
         config = to_container(cfg)
-    experiment.train_and_register(train_settings(config), config, resume_checkpoint=checkpoint,
-                                  resume_run_id=resume, requested_recipe=requested_recipe)
+    experiment.train_and_register(
+        train_settings(config),
+        config,
+        resume_checkpoint=checkpoint,
+        resume_run_id=resume,
+        requested_recipe=requested_recipe,
+    )
 
 
 if __name__ == "__main__":

@@ -15,12 +15,13 @@ from .. import hardware, pipeline, tracking, tuning
 from ..config import TuneSettings, section_settings, to_container, train_settings
 from . import CONF_DIR, hydra_recomposer, launch, report_user_errors, resolve_recipe
 
-
 # MLproject parameter -> the config key (or group) it sets; `overrides` is the rest.
-PARAMETERS = {"n_trials": "tune.n_trials",
-              "epochs": "tune.epochs",
-              "study_name": "tune.study_name",
-              "storage": "tune.storage"}
+PARAMETERS = {
+    "n_trials": "tune.n_trials",
+    "epochs": "tune.epochs",
+    "study_name": "tune.study_name",
+    "storage": "tune.storage",
+}
 
 
 @hydra.main(config_path=CONF_DIR, config_name="tune", version_base="1.3")
@@ -35,34 +36,52 @@ def main(cfg: DictConfig) -> None:
     base, device = pipeline.prepare_machine(base)
     if requested_recipe:
         print(f"recipe {requested_recipe} -> {base.recipe} (device {device})", flush=True)
-    print(f"device {device}: {hardware.describe(device)}; precision {config['train']['precision']}"
-          f" -> {base.train.precision}", flush=True)
+    print(
+        f"device {device}: {hardware.describe(device)}; precision {config['train']['precision']}"
+        f" -> {base.train.precision}",
+        flush=True,
+    )
     splits = tuning.without_test_set(pipeline.load_data(base.data))
-    objective = tuning.Objective(config, space, splits, device, settings.epochs,
-                                 base.train.precision)
+    objective = tuning.Objective(
+        config, space, splits, device, settings.epochs, base.train.precision
+    )
     study = tuning.open_study(settings)
 
     storage = tuning.describe_storage(settings.storage)  # no password in logs, params or YAML
-    with tracking.training_run(base.experiment_name, run_name=f"tune {settings.study_name}",
-                               tags=tuning.study_tags(settings), system_metrics=True) as run:
-        print(f"MLflow run {run.info.run_id} (experiment {run.info.experiment_id}); "
-              f"study {settings.study_name!r} in {storage}", flush=True)
-        tracking.log_config({**config, "tune": {**tune_section, "storage": storage}},
-                            {**pipeline.machine_params(base, device),
-                             "train_images": len(splits.train_labels),
-                             "val_images": len(splits.val_labels),
-                             **({"requested_recipe": requested_recipe} if requested_recipe
-                                else {})})
+    with tracking.training_run(
+        base.experiment_name,
+        run_name=f"tune {settings.study_name}",
+        tags=tuning.study_tags(settings),
+        system_metrics=True,
+    ) as run:
+        print(
+            f"MLflow run {run.info.run_id} (experiment {run.info.experiment_id}); "
+            f"study {settings.study_name!r} in {storage}",
+            flush=True,
+        )
+        tracking.log_config(
+            {**config, "tune": {**tune_section, "storage": storage}},
+            {
+                **pipeline.machine_params(base, device),
+                "train_images": len(splits.train_labels),
+                "val_images": len(splits.val_labels),
+                **({"requested_recipe": requested_recipe} if requested_recipe else {}),
+            },
+        )
         ran = tuning.optimize(study, objective, settings)
         summary = tuning.log_summary(study)
         tracking.log_metrics({"trials_run": ran})
-    counts = ", ".join(f"{summary[k]} {k.removeprefix('trials_')}"
-                       for k in ("trials_complete", "trials_pruned", "trials_failed",
-                                 "trials_running"))
+    counts = ", ".join(
+        f"{summary[k]} {k.removeprefix('trials_')}"
+        for k in ("trials_complete", "trials_pruned", "trials_failed", "trials_running")
+    )
     print(f"study {settings.study_name!r}: {counts} ({ran} run here)", flush=True)
     if "best_value" in summary:
-        print(f"best: trial {summary['best_trial']} val_acc {summary['best_value']:.4f} "
-              f"{summary['best_params']}", flush=True)
+        print(
+            f"best: trial {summary['best_trial']} val_acc {summary['best_value']:.4f} "
+            f"{summary['best_params']}",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

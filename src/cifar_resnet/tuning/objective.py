@@ -30,18 +30,21 @@ class PruningLogger:
         self.run_metrics.log_epoch(epoch, metrics)
         self.trial.report(metrics["val_acc"], step=epoch)
         if self.trial.should_prune():
-            raise optuna.TrialPruned(f"pruned after epoch {epoch} "
-                                     f"(val_acc {metrics['val_acc']:.4f})")
+            raise optuna.TrialPruned(
+                f"pruned after epoch {epoch} (val_acc {metrics['val_acc']:.4f})"
+            )
 
 
 def without_test_set(splits: data.CifarSplits) -> data.CifarSplits:
     """Trials choose hyperparameters: they must never see the test split."""
-    return dataclasses.replace(splits, test_images=splits.test_images[:0],
-                               test_labels=splits.test_labels[:0])
+    return dataclasses.replace(
+        splits, test_images=splits.test_images[:0], test_labels=splits.test_labels[:0]
+    )
 
 
-def fit_trial(settings: TrainSettings, splits: data.CifarSplits, device: torch.device,
-              logger) -> engine.TrainState:
+def fit_trial(
+    settings: TrainSettings, splits: data.CifarSplits, device: torch.device, logger
+) -> engine.TrainState:
     # The one training path: seeded before the network is built, so every trial starts
     # from the same weights and trials differ by their hyperparameters only.
     return training.train(settings, splits, device, logger=logger)[1]
@@ -50,8 +53,15 @@ def fit_trial(settings: TrainSettings, splits: data.CifarSplits, device: torch.d
 class Objective:
     """Validation accuracy (best epoch) of one trial's training."""
 
-    def __init__(self, config: dict, space: list[Param], splits: data.CifarSplits,
-                 device: torch.device, epochs: int, precision: str):
+    def __init__(
+        self,
+        config: dict,
+        space: list[Param],
+        splits: data.CifarSplits,
+        device: torch.device,
+        epochs: int,
+        precision: str,
+    ):
         """``device`` and ``precision`` (resolved: fp32, bf16 or fp16) are the study
         process's, decided once by ``pipeline.prepare_machine``."""
         if len(splits.val_labels) == 0:
@@ -61,28 +71,37 @@ class Objective:
 
     def __call__(self, trial: optuna.Trial) -> float:
         params = {p.key: p.suggest(trial) for p in self.space}
-        settings = train_settings(with_values(self.config, {**params, "train.epochs": self.epochs,
-                                                            "train.precision": self.precision}))
+        settings = train_settings(
+            with_values(
+                self.config,
+                {**params, "train.epochs": self.epochs, "train.precision": self.precision},
+            )
+        )
         pruned = None
-        with tracking.nested_run(f"trial {trial.number}",
-                                 tags={"optuna.trial_number": trial.number}) as run:
+        with tracking.nested_run(
+            f"trial {trial.number}", tags={"optuna.trial_number": trial.number}
+        ) as run:
             trial.set_user_attr(RUN_ID_ATTR, run.info.run_id)
-            tracking.log_params({**params, "trial_number": trial.number,
-                                 "train.epochs": self.epochs})
+            tracking.log_params(
+                {**params, "trial_number": trial.number, "train.epochs": self.epochs}
+            )
             try:
-                state = fit_trial(settings, self.splits, self.device,
-                                  PruningLogger(trial, run.info.run_id))
+                state = fit_trial(
+                    settings, self.splits, self.device, PruningLogger(trial, run.info.run_id)
+                )
             except optuna.TrialPruned as err:
                 pruned = err
                 tracking.set_tags({STATE_TAG: "pruned"})
             except Exception as err:
-                tracking.set_tags({STATE_TAG: "failed",
-                                   "failure": f"{type(err).__name__}: {err}"[:5000]})
+                tracking.set_tags(
+                    {STATE_TAG: "failed", "failure": f"{type(err).__name__}: {err}"[:5000]}
+                )
                 raise  # the run ends FAILED; Optuna records FAIL (TRIAL_FAILURES) or stops
             else:
                 tracking.set_tags({STATE_TAG: "complete"})
-                tracking.log_metrics({"best_val_acc": state.best_val_acc,
-                                      "best_epoch": state.best_epoch})
+                tracking.log_metrics(
+                    {"best_val_acc": state.best_val_acc, "best_epoch": state.best_epoch}
+                )
         if pruned is not None:
             raise pruned
         return state.best_val_acc

@@ -26,8 +26,9 @@ class Param:
         if self.type == "categorical":
             return trial.suggest_categorical(self.key, list(self.choices))
         if self.type == "int":
-            return trial.suggest_int(self.key, int(self.low), int(self.high),
-                                     step=int(self.step or 1), log=self.log)
+            return trial.suggest_int(
+                self.key, int(self.low), int(self.high), step=int(self.step or 1), log=self.log
+            )
         return trial.suggest_float(self.key, self.low, self.high, step=self.step, log=self.log)
 
 
@@ -49,8 +50,10 @@ def parse_space(space: dict | None, config: dict) -> list[Param]:
 
     walk(space or {}, "")
     if not leaves:
-        raise ConfigError("tune.space is empty: there is nothing to search; pick a space "
-                          "(tune=default or tune=seed) or add parameters under tune.space")
+        raise ConfigError(
+            "tune.space is empty: there is nothing to search; pick a space "
+            "(tune=default or tune=seed) or add parameters under tune.space"
+        )
     return [_param(key, spec, config) for key, spec in leaves]
 
 
@@ -58,8 +61,10 @@ def _param(key: str, spec: dict, config: dict) -> Param:
     where = f"tune.space.{key}"
     unknown = set(spec) - _LEAF_KEYS
     if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}; "
-                          f"known: {', '.join(sorted(_LEAF_KEYS))}")
+        raise ConfigError(
+            f"{where}: unknown key(s) {', '.join(sorted(unknown))}; "
+            f"known: {', '.join(sorted(_LEAF_KEYS))}"
+        )
     kind = spec["type"]
     if kind not in SEARCH_TYPES:
         raise ConfigError(f"{where}.type must be one of {', '.join(SEARCH_TYPES)}, got {kind!r}")
@@ -73,14 +78,17 @@ def _param(key: str, spec: dict, config: dict) -> Param:
     if "factor" in spec:
         factor = float(spec["factor"])
         if not isinstance(current, (int, float)) or current <= 0 or factor <= 1:
-            raise ConfigError(f"{where}: 'factor' needs a positive config value and a factor "
-                              f"> 1; got value {current!r} and factor {factor}")
+            raise ConfigError(
+                f"{where}: 'factor' needs a positive config value and a factor "
+                f"> 1; got value {current!r} and factor {factor}"
+            )
         low, high = current / factor, current * factor
     elif "low" in spec and "high" in spec:
         low, high = float(spec["low"]), float(spec["high"])
     else:
-        raise ConfigError(f"{where}: give 'low' and 'high', or 'factor' (around the config's "
-                          "value)")
+        raise ConfigError(
+            f"{where}: give 'low' and 'high', or 'factor' (around the config's value)"
+        )
     if not low < high or (log and low <= 0):
         raise ConfigError(f"{where}: need low < high (and low > 0 with log), got {low}..{high}")
     return Param(key, kind, low, high, log, spec.get("step"))

@@ -23,12 +23,14 @@ FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
 def make_pruner(settings: TuneSettings) -> optuna.pruners.BasePruner:
     kwargs = dict(settings.pruners.get(settings.pruner) or {})
-    classes = {"median": optuna.pruners.MedianPruner,
-               "percentile": optuna.pruners.PercentilePruner,
-               "hyperband": optuna.pruners.HyperbandPruner,
-               "successive_halving": optuna.pruners.SuccessiveHalvingPruner,
-               "threshold": optuna.pruners.ThresholdPruner,
-               "none": optuna.pruners.NopPruner}
+    classes = {
+        "median": optuna.pruners.MedianPruner,
+        "percentile": optuna.pruners.PercentilePruner,
+        "hyperband": optuna.pruners.HyperbandPruner,
+        "successive_halving": optuna.pruners.SuccessiveHalvingPruner,
+        "threshold": optuna.pruners.ThresholdPruner,
+        "none": optuna.pruners.NopPruner,
+    }
     if settings.pruner == "hyperband":
         kwargs.setdefault("max_resource", settings.epochs)  # one resource = one epoch
     try:
@@ -43,10 +45,15 @@ def finished_count(study: optuna.Study) -> int:
 
 def state_counts(study: optuna.Study) -> dict[str, int]:
     trials = study.get_trials(deepcopy=False)
-    names = {TrialState.COMPLETE: "complete", TrialState.PRUNED: "pruned",
-             TrialState.FAIL: "failed", TrialState.RUNNING: "running"}
-    return {f"trials_{name}": sum(t.state == state for t in trials)
-            for state, name in names.items()}
+    names = {
+        TrialState.COMPLETE: "complete",
+        TrialState.PRUNED: "pruned",
+        TrialState.FAIL: "failed",
+        TrialState.RUNNING: "running",
+    }
+    return {
+        f"trials_{name}": sum(t.state == state for t in trials) for state, name in names.items()
+    }
 
 
 def mark_killed(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
@@ -54,8 +61,9 @@ def mark_killed(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
     MLflow run too, which nobody else will."""
     run_id = trial.user_attrs.get(RUN_ID_ATTR)
     if run_id:
-        tracking.close_killed_run(run_id, {STATE_TAG: "failed",
-                                           "failure": "process killed (heartbeat stopped)"})
+        tracking.close_killed_run(
+            run_id, {STATE_TAG: "failed", "failure": "process killed (heartbeat stopped)"}
+        )
     print(f"trial {trial.number} of a killed process marked failed", flush=True)
 
 
@@ -71,24 +79,33 @@ class StopAfterFailures:
         if trial.state == TrialState.FAIL:
             self.failed += 1
             if self.failed >= self.limit:
-                print(f"stopping: {self.failed} failed trials in this process "
-                      "(tune.max_failed_trials)", flush=True)
+                print(
+                    f"stopping: {self.failed} failed trials in this process "
+                    "(tune.max_failed_trials)",
+                    flush=True,
+                )
 
 
 def make_sampler(settings: TuneSettings, trials_so_far: int) -> optuna.samplers.TPESampler:
     # The seed moves on with the study, so a resumed search does not re-draw the
     # random start-up values its first process already tried.
-    return optuna.samplers.TPESampler(seed=settings.sampler_seed + trials_so_far,
-                                      n_startup_trials=settings.startup_trials)
+    return optuna.samplers.TPESampler(
+        seed=settings.sampler_seed + trials_so_far, n_startup_trials=settings.startup_trials
+    )
 
 
 def open_study(settings: TuneSettings) -> optuna.Study:
-    storage = open_storage(settings.storage, settings.heartbeat_interval, settings.grace_period,
-                           mark_killed)
+    storage = open_storage(
+        settings.storage, settings.heartbeat_interval, settings.grace_period, mark_killed
+    )
     try:
-        study = optuna.create_study(study_name=settings.study_name, storage=storage,
-                                    direction="maximize", load_if_exists=True,
-                                    pruner=make_pruner(settings))
+        study = optuna.create_study(
+            study_name=settings.study_name,
+            storage=storage,
+            direction="maximize",
+            load_if_exists=True,
+            pruner=make_pruner(settings),
+        )
     except ValueError as err:  # e.g. an existing study with another direction
         raise StudyError(f"study {settings.study_name!r}: {err}") from None
     study.sampler = make_sampler(settings, len(study.get_trials(deepcopy=False)))
@@ -100,16 +117,26 @@ def optimize(study: optuna.Study, objective: Objective, settings: TuneSettings) 
     this process ran."""
     missing = settings.n_trials - finished_count(study)
     if missing <= 0:
-        print(f"study {study.study_name!r} already has {finished_count(study)} finished "
-              f"trials (n_trials={settings.n_trials}); nothing to run", flush=True)
+        print(
+            f"study {study.study_name!r} already has {finished_count(study)} finished "
+            f"trials (n_trials={settings.n_trials}); nothing to run",
+            flush=True,
+        )
         return 0
-    print(f"study {study.study_name!r}: {finished_count(study)} finished trials, running "
-          f"up to {missing} more", flush=True)
+    print(
+        f"study {study.study_name!r}: {finished_count(study)} finished trials, running "
+        f"up to {missing} more",
+        flush=True,
+    )
     failures = StopAfterFailures(settings.max_failed_trials)
     # gc after each trial: a failed trial's model and optimizer leave device memory at once.
-    study.optimize(objective, timeout=settings.timeout, catch=TRIAL_FAILURES, gc_after_trial=True,
-                   callbacks=[optuna.study.MaxTrialsCallback(settings.n_trials, states=FINISHED),
-                              failures])
+    study.optimize(
+        objective,
+        timeout=settings.timeout,
+        catch=TRIAL_FAILURES,
+        gc_after_trial=True,
+        callbacks=[optuna.study.MaxTrialsCallback(settings.n_trials, states=FINISHED), failures],
+    )
     return failures.ran
 
 
@@ -126,10 +153,15 @@ def log_summary(study: optuna.Study) -> dict[str, Any]:
         summary.update(best_value=best.value, best_trial=best.number, best_params=best.params)
         tracking.log_metrics({"best_val_acc": best.value, "best_trial": best.number})
         tracking.log_params({f"best.{k}": v for k, v in best.params.items()})
-        tracking.set_tags({"best_trial": best.number,
-                         "best_trial_run_id": best.user_attrs.get(RUN_ID_ATTR, "")})
-        tracking.log_text(json.dumps({"value": best.value, "trial": best.number,
-                                      "params": best.params}, indent=2), "best_params.json")
+        tracking.set_tags(
+            {"best_trial": best.number, "best_trial_run_id": best.user_attrs.get(RUN_ID_ATTR, "")}
+        )
+        tracking.log_text(
+            json.dumps(
+                {"value": best.value, "trial": best.number, "params": best.params}, indent=2
+            ),
+            "best_params.json",
+        )
     _log_plots(study, counts["trials_complete"])
     return summary
 
@@ -137,13 +169,16 @@ def log_summary(study: optuna.Study) -> dict[str, Any]:
 def _log_plots(study: optuna.Study, complete: int) -> None:
     from optuna.visualization import matplotlib as plots
 
-    figures = {"plots/optimization_history.png": (plots.plot_optimization_history, 1),
-               # importances compare trials: below two complete ones there is nothing to compare
-               "plots/param_importances.png": (plots.plot_param_importances, 2)}
+    figures = {
+        "plots/optimization_history.png": (plots.plot_optimization_history, 1),
+        # importances compare trials: below two complete ones there is nothing to compare
+        "plots/param_importances.png": (plots.plot_param_importances, 2),
+    }
     for artifact, (plot, needs) in figures.items():
         if complete < needs:
-            print(f"skipping {artifact}: needs {needs} complete trial(s), have {complete}",
-                  flush=True)
+            print(
+                f"skipping {artifact}: needs {needs} complete trial(s), have {complete}", flush=True
+            )
             continue
         try:
             axes = plot(study)
@@ -157,5 +192,7 @@ def _log_plots(study: optuna.Study, complete: int) -> None:
 
 
 def study_tags(settings: TuneSettings) -> dict[str, Any]:
-    return {"tune.study_name": settings.study_name,
-            "tune.storage": describe_storage(settings.storage)}
+    return {
+        "tune.study_name": settings.study_name,
+        "tune.storage": describe_storage(settings.storage),
+    }

@@ -11,7 +11,7 @@ import dataclasses
 import functools
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -28,80 +28,80 @@ class ConfigError(UserError, ValueError):
 @dataclass(frozen=True)
 class ModelSettings:
     name: str
-    max_params: int = 5_000_000
-    kwargs: dict[str, Any] = field(default_factory=dict)
+    max_params: int
+    kwargs: dict[str, Any]
 
 
 @dataclass(frozen=True)
 class DataSettings:
-    root: str = "./data"
-    download: bool = True
-    md5_file: str | None = None
-    val_size: int = 5000
-    split_seed: int = 0
-    train_subset: int = 0
-    repeats: int = 1
-    loader: str = "albumentations"
-    num_workers: int = 2
+    root: str
+    download: bool
+    md5_file: str | None
+    val_size: int
+    split_seed: int
+    train_subset: int
+    repeats: int
+    loader: str
+    num_workers: int
 
 
 @dataclass(frozen=True)
 class AugmentSettings:
-    name: str = "standard"
-    params: dict[str, Any] = field(default_factory=dict)
-    tensor: dict[str, Any] | None = None
+    name: str
+    params: dict[str, Any]
+    tensor: dict[str, Any] | None
 
 
 @dataclass(frozen=True)
 class OptimSettings:
-    name: str = "sgd"
-    lr: float = 0.1
-    momentum: float = 0.9
-    nesterov: bool = True
-    betas: tuple[float, float] = (0.9, 0.999)
-    weight_decay: float = 5e-4
-    lookahead_k: int = 0
-    lookahead_alpha: float = 0.5
-    lookahead_ramp: bool = False  # alpha ramps from 1 to lookahead_alpha (cubic) over the run
-    norm_lr_scale: float = 1.0  # BatchNorm parameters train this many times faster
-    norm_decay: bool = False  # decay BatchNorm parameters too (at the weights' lr * wd)
-    muon_lr: float = 0.24  # name=muon: the conv filters' step (orthogonalised, scale-free)
-    muon_momentum: float = 0.6
+    name: str
+    lr: float
+    momentum: float
+    nesterov: bool
+    betas: tuple[float, float]
+    weight_decay: float
+    lookahead_k: int
+    lookahead_alpha: float
+    lookahead_ramp: bool  # alpha ramps from 1 to lookahead_alpha (cubic) over the run
+    norm_lr_scale: float  # BatchNorm parameters train this many times faster
+    norm_decay: bool  # decay BatchNorm parameters too (at the weights' lr * wd)
+    muon_lr: float  # name=muon: the conv filters' step (orthogonalised, scale-free)
+    muon_momentum: float
 
 
 @dataclass(frozen=True)
 class ScheduleSettings:
-    name: str = "onecycle"
-    pct_start: float = 0.25
-    anneal_strategy: str = "cos"
-    div_factor: float = 25.0
-    final_div_factor: float = 1e4
+    name: str
+    pct_start: float
+    anneal_strategy: str
+    div_factor: float
+    final_div_factor: float
 
 
 @dataclass(frozen=True)
 class LoopSettings:
-    epochs: int = 50
-    batch_size: int = 512
-    label_smoothing: float = 0.1
-    precision: str = "auto"
-    channels_last: bool = True
-    compile: bool = False
-    grad_clip: float = 0.0
-    patience: int = 0
-    ema_decay: float = 0.0
-    eval_batch_size: int = 1024
-    device: str = "auto"
-    threads: int = 0  # torch's CPU threads; 0 = every core this process may use
-    deterministic: bool = False  # PyTorch's deterministic algorithms (slower on CUDA)
-    checkpoint_dir: str = "checkpoints"
-    progress: bool = True
-    tta: str = "none"
+    epochs: int
+    batch_size: int
+    label_smoothing: float
+    precision: str
+    channels_last: bool
+    compile: bool
+    grad_clip: float
+    patience: int
+    ema_decay: float
+    eval_batch_size: int
+    device: str
+    threads: int  # torch's CPU threads; 0 = every core this process may use
+    deterministic: bool  # PyTorch's deterministic algorithms (slower on CUDA)
+    checkpoint_dir: str
+    progress: bool
+    tta: str
 
 
 @dataclass(frozen=True)
 class RegistrySettings:
-    model_name: str = "cifar10-resnet"
-    register: bool = True
+    model_name: str
+    register: bool
 
 
 @dataclass(frozen=True)
@@ -113,11 +113,11 @@ class TrainSettings:
     schedule: ScheduleSettings
     train: LoopSettings
     registry: RegistrySettings
-    seed: int = 0
-    experiment_name: str = "cifar10-resnet"
-    resume: str | None = None
-    recipe: str | None = None
-    settings_from_run: str | None = None  # a final fit's val_acc comes from this run
+    seed: int
+    experiment_name: str
+    resume: str | None
+    recipe: str | None
+    settings_from_run: str | None  # a final fit's val_acc comes from this run
 
 
 def to_container(cfg: DictConfig) -> dict:
@@ -390,17 +390,17 @@ SEARCH_TYPES = ("float", "int", "categorical")
 class TuneSettings:
     study_name: str
     storage: str
-    space: dict[str, Any] | None = None
-    n_trials: int = 20
-    timeout: float | None = None
-    epochs: int = 10
-    max_failed_trials: int = 5
-    sampler_seed: int = 0
-    startup_trials: int = 5
-    pruner: str = "median"
-    pruners: dict[str, dict[str, Any]] = field(default_factory=dict)
-    heartbeat_interval: int | None = 60
-    grace_period: int | None = None
+    space: dict[str, Any] | None
+    n_trials: int
+    timeout: float | None
+    epochs: int
+    max_failed_trials: int
+    sampler_seed: int
+    startup_trials: int
+    pruner: str
+    pruners: dict[str, dict[str, Any]]
+    heartbeat_interval: int | None
+    grace_period: int | None
 
     def __post_init__(self):
         if self.n_trials < 1 or self.epochs < 1 or self.max_failed_trials < 1:
@@ -426,16 +426,16 @@ class TuneSettings:
 @dataclass(frozen=True)
 class FinetuneSettings:
     model_uri: str
-    from_study: str | None = None
-    storage: str = "sqlite:///optuna.db"
+    from_study: str | None
+    storage: str
 
 
 @dataclass(frozen=True)
 class EvalSettings:
     model_uri: str
-    device: str = "auto"
-    precision: str = "auto"
-    batch_size: int = 500
+    device: str
+    precision: str
+    batch_size: int
 
     def __post_init__(self):
         _check_machine("eval", self.device, self.precision)
@@ -445,13 +445,13 @@ class EvalSettings:
 
 @dataclass(frozen=True)
 class PromoteSettings:
-    metric: str = "val_acc"
-    version: str | None = None
-    force: bool = False
+    metric: str
+    version: str | None
+    force: bool
     # Ranking on a test_* metric picks the champion on the data its figure is reported on.
-    allow_test_selection: bool = False
-    alias: str = "champion"
-    previous_alias: str = "previous"
+    allow_test_selection: bool
+    alias: str
+    previous_alias: str
 
 
 def section_settings(cls, section: str, values: Any):

@@ -1,5 +1,9 @@
 """Typed settings: the one place where Hydra's DictConfig becomes plain objects.
 
+Over 300 lines on purpose: every stage's settings and the one generic type check,
+so that a key's type and range are checked in one place. The defaults are the
+YAML's under conf/ (none here).
+
 Stages call ``train_settings(cfg)`` once; everything below them takes these
 dataclasses or plain values. Unknown keys are an error, so a misspelt override
 (``optim.learning_rate=...``) fails loudly instead of being ignored.

@@ -1,5 +1,8 @@
 """The training loop: ``train_one_epoch``, ``evaluate``, ``fit`` and checkpoints.
 
+Over 300 lines on purpose: what a checkpoint holds is exactly what ``fit`` restores,
+and the two stay readable side by side.
+
 Plain functions over plain arguments. The loop keeps its running sums on the
 device and reads them once an epoch, so a step never waits for the host.
 Everything a run needs to continue after a kill lives in one checkpoint file,

@@ -1,5 +1,8 @@
 """Optimisers, weight averaging and learning-rate schedules.
 
+Over 300 lines on purpose: every stateful piece the loop steps (optimiser, Muon,
+Lookahead, EMA, schedule) and how the parameter groups feed them, in one place.
+
 Lookahead and the exponential moving average are written here rather than taken
 from torch_optimizer (unmaintained) because each is a dozen lines. Both sit
 *beside* the base optimiser instead of wrapping it, so the LR scheduler and the

@@ -1,6 +1,10 @@
-"""One training, from typed settings to trained weights: the piece that the
-train, tune and finetune stages share. Knows nothing of Hydra or MLflow; the
-stage hands in a logger and a checkpoint folder."""
+"""The parts of one training, from typed settings: the machine (device, threads,
+precision), the network, the data and its batches, the optimiser and its company,
+the fit and the test read. ``training`` puts them in their one order. Knows nothing
+of Hydra or MLflow.
+
+Over 300 lines on purpose: each builder is short, and they read as one list.
+"""
 
 from __future__ import annotations
 

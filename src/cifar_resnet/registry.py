@@ -1,6 +1,9 @@
 """The model registry as the hand-off between stages: which version a model URI
 names, its weights, its metrics, and the aliases that say which one is served.
 
+Over 300 lines on purpose: every lookup and the promotion rules read the same
+versions and tags, and belong together.
+
 train and finetune register versions; eval_tta, promote and report read them
 and write tags and aliases. Every lookup that can fail on user input raises
 ``RegistryError`` with a message that says what exists instead.

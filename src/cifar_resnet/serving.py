@@ -1,5 +1,8 @@
 """The MLflow pyfunc that serves a trained classifier.
 
+Over 300 lines on purpose: it travels whole with every logged model (code_paths),
+and decoding and checking each input form is one contract with the HTTP path.
+
 It imports neither the engine, Optuna nor Hydra: a logged model carries this
 package (``code_paths``) and a small weights file, and needs only torch, numpy,
 Pillow and OpenCV at load.

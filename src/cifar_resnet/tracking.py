@@ -1,5 +1,8 @@
 """MLflow on the training side: runs, params, metrics, artifacts, registry.
 
+Over 300 lines on purpose: by design the one training-side module that calls
+MLflow (import-linter holds that), so every such call is here.
+
 The only training-side module that imports mlflow. The tracking store is
 MLflow's own default (``sqlite:///mlflow.db`` in the working directory, artifacts
 under ./mlruns) unless MLFLOW_TRACKING_URI says otherwise, so a remote tracking

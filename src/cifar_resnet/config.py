@@ -270,16 +270,8 @@ def train_settings(cfg: DictConfig | dict) -> TrainSettings:
     message names the key, the value and what is allowed.
     """
     values = to_container(cfg) if isinstance(cfg, DictConfig) else dict(cfg)
-    sections = {
-        "model": ModelSettings,
-        "data": DataSettings,
-        "augment": AugmentSettings,
-        "optim": OptimSettings,
-        "schedule": ScheduleSettings,
-        "train": LoopSettings,
-        "registry": RegistrySettings,
-    }
-    built = {name: _build(cls, name, values.pop(name, {})) for name, cls in sections.items()}
+    sections = ("model", "data", "augment", "optim", "schedule", "train", "registry")
+    built = {name: _build(SECTIONS[name], name, values.pop(name, {})) for name in sections}
     settings = _build(TrainSettings, "top level", {**values, **built})
     validate(settings)
     return settings

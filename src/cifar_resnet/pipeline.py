@@ -278,28 +278,25 @@ def test_chosen_checkpoint(
     model = parts.eval_model()
     t = settings.train
     amp = hardware.autocast_dtype(t.precision)
-    test_loss, test_acc, logits = engine.evaluate(
-        model,
-        splits.test_images,
-        splits.test_labels,
-        device,
-        batch_size=t.eval_batch_size,
-        amp_dtype=amp,
-    )
-    summary = {"test_acc": test_acc, "test_loss": test_loss}
-    if t.tta != "none":
-        from .tta import metric_name, tta_views
 
-        # The view set is part of the name: flip and flip_shift are different measurements.
-        _, summary[metric_name(t.tta)], _ = engine.evaluate(
+    def test(views=None) -> tuple[float, float, torch.Tensor]:
+        return engine.evaluate(
             model,
             splits.test_images,
             splits.test_labels,
             device,
             batch_size=t.eval_batch_size,
             amp_dtype=amp,
-            views=tta_views(t.tta),
+            views=views,
         )
+
+    test_loss, test_acc, logits = test()
+    summary = {"test_acc": test_acc, "test_loss": test_loss}
+    if t.tta != "none":
+        from .tta import metric_name, tta_views
+
+        # The view set is part of the name: flip and flip_shift are different measurements.
+        _, summary[metric_name(t.tta)], _ = test(tta_views(t.tta))
     return summary, logits
 
 

@@ -40,7 +40,7 @@ def store(tmp_path_factory, tiny_cifar):
     tmp = tmp_path_factory.mktemp("runs")
     env = stage_env(tmp)
     make_experiment(tmp, "tests")
-    repeats, epoch_seconds = epoch_sized_for(3.0, batch_size=64, train_images=150)
+    repeats, epoch_seconds = epoch_sized_for(2.0, batch_size=64, train_images=150)
     args = tiny_overrides(
         tiny_cifar,
         tmp,

@@ -170,11 +170,28 @@ def weights(torch_model, tmp_path_factory) -> Path:
     return serving.save_weights(path, torch_model, "resnet_small", {}, CLASSES)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _float32_serving():
+    """Served answers here are compared with float32 torch answers: every model this
+    module loads or serves runs in fp32, whatever this machine's ``auto`` would pick
+    (the one test of ``auto`` sets it itself)."""
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv(serving.ENV_PREFIX + "PRECISION", "fp32")
+        yield
+
+
+def loaded(weights, precision: str) -> serving.CifarClassifier:
+    model = serving.CifarClassifier()
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv(serving.ENV_PREFIX + "PRECISION", precision)
+        model.load_context(SimpleNamespace(artifacts={serving.WEIGHTS_ARTIFACT: str(weights)}))
+    return model
+
+
 @pytest.fixture(scope="module")
 def classifier(weights) -> serving.CifarClassifier:
-    model = serving.CifarClassifier()
-    model.load_context(SimpleNamespace(artifacts={serving.WEIGHTS_ARTIFACT: str(weights)}))
-    return model
+    # fp32: these tests compare decoded inputs against float32 torch answers.
+    return loaded(weights, "fp32")
 
 
 def torch_probabilities(model: ImageClassifier, images: np.ndarray) -> np.ndarray:
@@ -589,22 +606,31 @@ def test_tta_flip_averages_the_image_and_its_mirror(classifier, torch_model):
     )
 
 
+@pytest.mark.parametrize("precision", ["fp32", "auto"])
 @pytest.mark.parametrize("name", list(TTA_VIEWS))
-def test_every_view_set_answers_what_eval_tta_averaged(classifier, torch_model, name):
+def test_every_view_set_answers_what_eval_tta_averaged(weights, torch_model, name, precision):
     """Serving's tta=<set> and eval_tta's test_acc_tta_<set> average the same softmax:
     engine.predict_logits is what eval_tta and training's end-of-run figure call."""
+    classifier = loaded(weights, precision)  # auto: what this machine resolves, as eval_tta
     images = sample_images(160)  # over one forward pass (128 images) for every set
     served = np.array(
         classifier.predict(None, images, params={"tta": name})["probabilities"].tolist()
     )
     evaluated = (
         engine.predict_logits(
-            torch_model, images, torch.device("cpu"), batch_size=128, views=tta_views(name)
+            torch_model,
+            images,
+            classifier.device,
+            batch_size=128,
+            amp_dtype=classifier.amp_dtype,  # the precision the machine resolves, as eval_tta's
+            views=tta_views(name),
         )
         .exp()
         .numpy()
     )
     np.testing.assert_allclose(served, evaluated, rtol=1e-4, atol=1e-6)
+    if classifier.precision != "fp32":
+        return  # the comparisons below are with float32 torch answers
     plain = torch_probabilities(torch_model, images)
     if len(TTA_VIEWS[name]) > 1:  # the views really are applied, not the plain image
         assert np.abs(served - plain).max() > 1e-3

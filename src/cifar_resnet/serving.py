@@ -49,6 +49,7 @@ import torch
 from mlflow.exceptions import MlflowException
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from . import hardware
 from .models import ImageClassifier, build_model
 from .tta import TTA_VIEWS, tta_views
 
@@ -474,7 +475,14 @@ class CifarClassifier(_PythonModelWithoutHintWarning):
     def load_context(self, context) -> None:
         self.limits = Limits.from_env()
         self.model, self.class_names = load_classifier(context.artifacts[WEIGHTS_ARTIFACT])
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        # The machine decides, as for training and eval_tta (hardware.py): on the same
+        # machine a served tta=<set> is then exactly what eval_tta averaged.
+        # $CIFAR_RESNET_DEVICE / $CIFAR_RESNET_PRECISION override "auto".
+        self.device = hardware.resolve_device(os.environ.get(ENV_PREFIX + "DEVICE", "auto"))
+        hardware.configure_threads()
+        requested = os.environ.get(ENV_PREFIX + "PRECISION", "auto")
+        self.precision = hardware.resolve_precision(requested, self.device)
+        self.amp_dtype = hardware.autocast_dtype(self.precision)
         self.model.to(self.device)
 
     def predict(self, context, model_input, params=None) -> pd.DataFrame:
@@ -501,15 +509,23 @@ class CifarClassifier(_PythonModelWithoutHintWarning):
     def probabilities(self, images: np.ndarray, tta: str = "none") -> np.ndarray:
         """(N, 32, 32, 3) uint8 -> (N, classes) float32: the softmax averaged over the
         views of the set ``tta`` ("none": the plain softmax), computed as
-        ``engine.predict_logits(..., views=tta_views(tta))`` computes it, in float32.
+        ``engine.predict_logits(..., views=tta_views(tta))`` computes it, in the
+        precision ``hardware`` resolved at load (float32 out).
         Raises ValueError for an unknown ``tta``."""
         views = tta_views(tta)
         step = max(1, _CHUNK // len(views))
         out = []
         for start in range(0, len(images), step):
             x = torch.from_numpy(images[start : start + step]).permute(0, 3, 1, 2).to(self.device)
+            x = x.contiguous(memory_format=torch.channels_last)
             # As engine.predict_logits: all views in one forward pass, softmax averaged
             # over them (not the logits), so eval_tta measured exactly this answer.
-            probs = self.model(torch.cat([view(x) for view in views])).float().softmax(1)
+            with torch.autocast(
+                self.device.type,
+                dtype=self.amp_dtype or torch.float32,
+                enabled=self.amp_dtype is not None,
+            ):
+                logits = self.model(torch.cat([view(x) for view in views]))
+            probs = logits.float().softmax(1)
             out.append(probs.view(len(views), len(x), -1).mean(0).cpu())
         return torch.cat(out).numpy()

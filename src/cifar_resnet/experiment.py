@@ -95,11 +95,7 @@ def train_and_register(
         check_same_machine(resume_checkpoint, settings, device)
     if requested_recipe:
         print(f"recipe {requested_recipe} -> {settings.recipe} (device {device})", flush=True)
-    print(
-        f"device {device}: {hardware.describe(device)}; precision {requested_precision} -> "
-        f"{settings.train.precision}",
-        flush=True,
-    )
+    print(hardware.machine_line(device, requested_precision, settings.train.precision), flush=True)
     splits = pipeline.load_data(settings.data)
     run = training.prepare(settings, splits, device, initial_state_dict=initial_state_dict)
     warning = pipeline.long_run_warning(settings, len(splits.train_labels), run.parts.model, device)

@@ -156,6 +156,12 @@ def configure_threads(threads: int = 0) -> int:
     return count
 
 
+def machine_line(device: torch.device, requested: str, resolved: str) -> str:
+    """What a stage prints at start: the device, the hardware, and the precision asked
+    for and the one it resolved to."""
+    return f"device {device}: {describe(device)}; precision {requested} -> {resolved}"
+
+
 def cpu_class() -> str:
     """The CPU's class as BENCHMARKS.md names it: AMX, AVX-512 BF16, AVX-512, AVX2 or
     the capability PyTorch reports (after ATEN_CPU_CAPABILITY)."""

@@ -38,11 +38,7 @@ def main(cfg: DictConfig) -> None:
     hardware.configure_threads()
     precision = hardware.resolve_precision(settings.precision, device)
     amp = hardware.autocast_dtype(precision)
-    print(
-        f"device {device}: {hardware.describe(device)}; precision {settings.precision} -> "
-        f"{precision}",
-        flush=True,
-    )
+    print(hardware.machine_line(device, settings.precision, precision), flush=True)
     ref = registry.require_version(registry.resolve(settings.model_uri))
     model, class_names = load_classifier(registry.download_weights(ref))
     model.to(device)

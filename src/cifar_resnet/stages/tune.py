@@ -37,8 +37,7 @@ def main(cfg: DictConfig) -> None:
     if requested_recipe:
         print(f"recipe {requested_recipe} -> {base.recipe} (device {device})", flush=True)
     print(
-        f"device {device}: {hardware.describe(device)}; precision {config['train']['precision']}"
-        f" -> {base.train.precision}",
+        hardware.machine_line(device, config["train"]["precision"], base.train.precision),
         flush=True,
     )
     splits = tuning.without_test_set(pipeline.load_data(base.data))

@@ -23,8 +23,10 @@ from .serving import save_weights
 CHECKPOINT_VERSION = 2  # 2: weights_only-loadable (RNG states as tensors, config as YAML text)
 
 
-class Terminated(Exception):
-    """The process received SIGTERM: stop after saying so, with the run marked KILLED."""
+class Terminated(KeyboardInterrupt):
+    """The process received SIGTERM: stop after saying so. A kind of KeyboardInterrupt,
+    so that whatever treats Ctrl-C as "stopped from outside" (tracking ends the run
+    KILLED) treats it alike."""
 
 
 def load_resume_checkpoint(checkpoint_dir: str | Path, run_id: str) -> dict:

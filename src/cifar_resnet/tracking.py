@@ -77,12 +77,8 @@ def _killed_on_interrupt(active: mlflow.ActiveRun) -> Iterator[mlflow.ActiveRun]
     with active as run:
         try:
             yield run
-        except (KeyboardInterrupt, SystemExit) as err:
+        except (KeyboardInterrupt, SystemExit) as err:  # SIGTERM arrives as a KeyboardInterrupt
             if not isinstance(err, SystemExit) or err.code not in (0, None):
-                mlflow.end_run("KILLED")
-            raise
-        except Exception as err:
-            if type(err).__name__ == "Terminated":  # experiment.Terminated (SIGTERM)
                 mlflow.end_run("KILLED")
             raise
 

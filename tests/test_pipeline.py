@@ -113,3 +113,19 @@ def test_speed_probe_leaves_the_random_state_alone():
     rate = pipeline.measure_images_per_second(model, 8, CPU, None, steps=1)
     assert rate > 0
     torch.testing.assert_close(torch.rand(4), expected)
+
+
+def test_where_the_flags_cannot_tell_prepare_machine_times_both_precisions(
+    tiny_cifar, tmp_path, monkeypatch
+):
+    rates = []
+    measure = pipeline.measure_images_per_second
+    monkeypatch.setattr(pipeline.hardware, "cpu_bf16_is_native", lambda: None)
+    monkeypatch.setattr(
+        pipeline,
+        "measure_images_per_second",
+        lambda *a, **k: rates.append(a[3]) or measure(*a, **k),
+    )
+    settings = fast_settings(tiny_cifar, tmp_path, "train.batch_size=8")
+    assert rates == [torch.bfloat16, None] or rates == [None, torch.bfloat16]
+    assert settings.train.precision in ("fp32", "bf16")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import os
 import time
 from collections.abc import Callable, Iterable
@@ -124,11 +125,14 @@ def prepare_machine(settings: TrainSettings) -> tuple[TrainSettings, torch.devic
     device = hardware.resolve_device(t.device)
     hardware.configure_threads(t.threads)
 
-    def measure(dtype: torch.dtype | None) -> float:
+    @functools.cache
+    def probe() -> nn.Module:  # built once, only if a measurement is needed
         with torch.random.fork_rng(devices=[]):
-            net = build_network(settings.model)
-        probe = ImageClassifier(net, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
-        return measure_images_per_second(probe, min(t.batch_size, 128), device, dtype)
+            return ImageClassifier(build_network(settings.model), (0.5,) * 3, (0.25,) * 3)
+
+    def measure(dtype: torch.dtype | None) -> float:
+        # measure_images_per_second times a copy, so both precisions start from one net.
+        return measure_images_per_second(probe(), min(t.batch_size, 128), device, dtype)
 
     precision = hardware.resolve_precision(t.precision, device, measure=measure)
     configure_backend(device, t.deterministic)

@@ -220,11 +220,12 @@ def test_resnet_small_memorises_a_tiny_random_batch():
     assert accuracy == 1.0
 
 
-def test_whitened_resnet_stem_whitens_the_patches_it_was_fitted_on():
+@pytest.mark.parametrize("name", ["whitened_resnet", "airbench_net"])
+def test_the_whitening_stem_whitens_the_patches_it_was_fitted_on(name):
     # Strongly correlated channels: every channel is the same noise plus a little of its own.
     shared = torch.randn(64, 1, 16, 16)
     images = shared + 0.1 * torch.randn(64, 3, 16, 16)
-    net = build_model("whitened_resnet")
+    net = build_model(name)
     net.init_from_images(images)
     responses = net.stem(images) - net.stem.bias[:, None, None]
     half = responses[:, :12].permute(0, 2, 3, 1).reshape(-1, 12)
@@ -236,8 +237,10 @@ def test_whitened_resnet_stem_whitens_the_patches_it_was_fitted_on():
     assert torch.equal(net.stem.weight[12:], -net.stem.weight[:12])
 
 
-def test_whitened_resnet_trains_only_bn_shifts_and_has_the_documented_size():
-    net = build_model("whitened_resnet")
+@pytest.mark.parametrize("name", ["whitened_resnet", "airbench_net"])
+def test_whitened_nets_train_only_bn_shifts_and_have_the_documented_size(name):
+    # airbench94's published net: the same count, the residual adds no parameter.
+    net = build_model(name)
     assert count_parameters(net) == 1_971_352
     assert count_flops(net) == 236_294_720
     batch_norms = [m for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
@@ -245,6 +248,43 @@ def test_whitened_resnet_trains_only_bn_shifts_and_has_the_documented_size():
         not bn.weight.requires_grad and bn.bias.requires_grad for bn in batch_norms
     )
     assert not net.stem.weight.requires_grad
+
+
+def test_airbench_net_is_plain_with_airbench_bn_and_a_3x3_head_pool():
+    net = build_model("airbench_net")
+    batch_norms = [m for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert {(bn.eps, bn.momentum) for bn in batch_norms} == {(1e-12, 0.4)}
+    net.eval()
+    stage = net.stages[0]
+    x = torch.randn(2, 24, 32, 32)
+    # Plain: the stage's output is its second block's, not that plus the entry's.
+    assert torch.equal(stage(x), stage.residual(stage.entry(x)))
+    # The head's 3x3 window over the 4x4 map never sees the last row and column.
+    features = torch.zeros(2, 256, 4, 4)
+    moved = features.clone()
+    moved[:, :, 3, :] = 5.0
+    moved[:, :, :, 3] = 5.0
+    assert torch.equal(net.head(features), net.head(moved))
+    residual = build_model("airbench_net", residual=True)
+    assert not torch.equal(
+        residual.stages[0](x), residual.stages[0].residual(residual.stages[0].entry(x))
+    )
+
+
+@pytest.mark.parametrize(
+    "stem_bias_epochs, trained_in", [(3, {1, 2, 3}), (0, set()), (None, {1, 2, 3, 4, 5})]
+)
+def test_the_stem_bias_trains_until_its_epoch_then_freezes(stem_bias_epochs, trained_in):
+    classifier = ImageClassifier(
+        build_model("airbench_net", stem_bias_epochs=stem_bias_epochs), CIFAR_MEAN, CIFAR_STD
+    )
+    trained = set()
+    for epoch in range(1, 6):
+        classifier.set_epoch(epoch)  # what engine.fit calls before each epoch
+        if classifier.net.stem.bias.requires_grad:
+            trained.add(epoch)
+    assert trained == trained_in
+    assert count_parameters(classifier) == 1_971_352 - (24 if stem_bias_epochs is not None else 0)
 
 
 def test_image_classifier_fits_a_data_dependent_init_on_normalised_pixels():

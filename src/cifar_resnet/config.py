@@ -67,6 +67,7 @@ class OptimSettings:
     lookahead_k: int
     lookahead_alpha: float
     lookahead_ramp: bool  # alpha ramps from 1 to lookahead_alpha (cubic) over the run
+    lookahead_buffers: bool  # BN running statistics are pulled and synced too
     norm_lr_scale: float  # BatchNorm parameters train this many times faster
     norm_decay: bool  # decay BatchNorm parameters too (at the weights' lr * wd)
     muon_lr: float  # name=muon: the conv filters' step (orthogonalised, scale-free)

@@ -347,6 +347,9 @@ def fit(
         epoch = state.epoch + 1
         lr = parts.optimizer.param_groups[0]["lr"]
         desc = f"epoch {epoch}/{epochs}" if progress else None
+        set_epoch = getattr(parts.model, "set_epoch", None)
+        if set_epoch is not None:
+            set_epoch(epoch)  # e.g. airbench_net's stem bias freezes after a few epochs
         result = train_one_epoch(
             train_model,
             train_batches(epoch),
@@ -387,10 +390,10 @@ def fit(
         improved = val_acc > state.best_val_acc if len(val_labels) else True
         if improved:
             state.best_val_acc, state.best_epoch, state.epochs_since_best = val_acc, epoch, 0
-        if state.epoch == epochs and parts.lookahead is not None:
-            parts.lookahead.sync()  # as airbench ends: the model takes the slow weights
         else:
             state.epochs_since_best += 1
+        if state.epoch == epochs and parts.lookahead is not None:
+            parts.lookahead.sync()  # as airbench ends: the model takes the slow weights
         state.stopped_early = patience > 0 and state.epochs_since_best >= patience
         if checkpoint_dir is not None:
             save_checkpoint(checkpoint_dir / "last.pt", parts, state, extra)

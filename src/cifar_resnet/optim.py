@@ -238,15 +238,21 @@ class Lookahead:
     alpha_t = 1 - (1 - alpha) * min(t / ramp_steps, 1) ** 3. Early in training (alpha_t ~ 1)
     the fast weights move freely; near the end the slow weights average over more steps.
     Call ``step()`` right after the base optimiser's step.
+
+    ``buffers``: float buffers (BatchNorm's running statistics) to treat the same way,
+    as airbench94's Lookahead does (it averages the whole float state dict); integer
+    buffers such as ``num_batches_tracked`` are left out. The parameters kept are those
+    that require a gradient when this is built; one frozen later stays in.
     """
 
-    def __init__(self, params, k: int = 5, alpha: float = 0.5, ramp_steps: int = 0):
+    def __init__(self, params, k: int = 5, alpha: float = 0.5, ramp_steps: int = 0, buffers=()):
         if k < 1 or not 0.0 < alpha <= 1.0 or ramp_steps < 0:
             raise ValueError(
                 f"Lookahead needs k >= 1, 0 < alpha <= 1 and ramp_steps >= 0, "
                 f"got k={k}, alpha={alpha}, ramp_steps={ramp_steps}"
             )
         self.params = [p for p in params if p.requires_grad]
+        self.params += [b for b in buffers if b.is_floating_point()]
         self.k, self.alpha, self.ramp_steps = k, alpha, ramp_steps
         self.reset()
 
@@ -277,11 +283,20 @@ class Lookahead:
 
     @torch.no_grad()
     def slow_model(self, model: nn.Module) -> nn.Module:
-        """A copy of ``model`` (whose parameters this Lookahead steps) holding the slow
-        weights, with the model's buffers (BN statistics): what evaluation sees."""
+        """A copy of ``model`` (whose tensors this Lookahead steps) holding the slow
+        weights, and the model's own buffers (BN statistics) unless this Lookahead
+        averages them too: what evaluation sees."""
         copy_ = copy.deepcopy(model)
-        trainable = [p for p in copy_.parameters() if p.requires_grad]
-        torch._foreach_copy_([p.data for p in trainable], self.slow)
+        slow_by_tensor = {id(t): s for t, s in zip(self.params, self.slow)}
+        # Matched by identity, not by requires_grad: a parameter frozen since (the
+        # stem bias of airbench_net) keeps its slow copy.
+        pairs = zip(
+            [*model.parameters(), *model.buffers()], [*copy_.parameters(), *copy_.buffers()]
+        )
+        for tensor, copied in pairs:
+            slow = slow_by_tensor.get(id(tensor))
+            if slow is not None:
+                copied.data.copy_(slow)
         return copy_
 
     def state_dict(self) -> dict:

@@ -217,6 +217,7 @@ def build_parts(
             o.lookahead_k,
             o.lookahead_alpha,
             ramp_steps=total_steps if o.lookahead_ramp else 0,
+            buffers=model.buffers() if o.lookahead_buffers else (),
         )
         if o.lookahead_k > 0
         else None

@@ -12,7 +12,7 @@ from torch import nn
 from ..errors import UserError
 from .resnet import resnet18_slim, resnet_small, se_resnet, seed_resnet
 from .resnet9 import resnet9
-from .whitened_resnet import whitened_resnet
+from .whitened import airbench_net, whitened_resnet
 from .wide_resnet import wide_resnet
 
 __all__ = [
@@ -33,6 +33,7 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "resnet_small": resnet_small,
     "resnet9": resnet9,
     "whitened_resnet": whitened_resnet,
+    "airbench_net": airbench_net,
 }
 
 
@@ -139,3 +140,10 @@ class ImageClassifier(nn.Module):
         fit = getattr(self.net, "init_from_images", None)
         if fit is not None:
             fit(self.normalise(images.to(self.mean.device)))
+
+    def set_epoch(self, epoch: int) -> None:
+        """Tell a network whose training changes by epoch (airbench_net freezes its stem's
+        bias after a few) that training epoch ``epoch`` (1-based) starts; others ignore it."""
+        set_epoch = getattr(self.net, "set_epoch", None)
+        if set_epoch is not None:
+            set_epoch(epoch)

@@ -1,0 +1,189 @@
+"""The whitening-stem family, built for accuracy per FLOP: airbench94's plain net and
+a residual version of it.
+
+Source: Keller Jordan's airbench94 (2024; github.com/KellerJordan/cifar10-airbench,
+``airbench94.py``: 94.01% mean over 1,000 runs with its TTA, 9.9 epochs), itself from
+hlb-CIFAR10. ``airbench_net`` is that network as published; ``whitened_resnet`` makes
+the second conv of each stage a residual branch (x + conv(x)), keeps PyTorch's BN eps
+and pools the whole last map. The differences are constructor arguments, so an
+ablation moves one at a time (conf/model/*.yaml kwargs).
+
+- stem: a frozen 2x2 conv whose filters whiten the input's 2x2 patches (the
+  eigenvectors of their covariance, scaled by 1/sqrt(eigenvalue), and their
+  negatives, so a GELU after it keeps both signs). It is fitted to training images
+  before training (``init_from_images``). Until then its filters are a fixed
+  orthonormal basis of patch space, the whitening of white noise: every channel
+  varies, which BatchNorm downstream needs (a constant channel divides its
+  gradient by sqrt(eps) and blows training up). Its bias trains for the first
+  ``stem_bias_epochs`` epochs, then freezes (``set_epoch``); airbench freezes it
+  after 3.
+- three stages: conv3x3 -> max-pool 2 -> BN -> GELU, then conv3x3 -> BN -> GELU,
+  plain (airbench) or as a residual branch. Pooling right after the first conv runs
+  everything else at a quarter of the pixels: 0.24 GFLOPs per image at the default
+  widths, 0.37x ResNet-9's.
+- BatchNorm with a fixed scale of 1 (only the shift trains): the next conv's
+  weights carry the scale anyway, and a high learning rate on the shifts (see
+  optim.norm_lr_scale) speeds up training.
+- Each 3x3 conv starts as a partial identity (dirac on its first in_channels
+  filters), so early training sees the stem's features passed through.
+- head: max-pool (airbench: a 3x3 window over the 4x4 map, so its last row and
+  column are never seen; the residual net: the whole map), a bias-free linear
+  layer, logits scaled by 1/9 so the softmax starts nearly uniform.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+
+def _conv3x3(in_channels: int, out_channels: int) -> nn.Conv2d:
+    conv = nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False)
+    # Identity on the first in_channels filters; the rest keep PyTorch's default init.
+    with torch.no_grad():
+        nn.init.dirac_(conv.weight[: min(in_channels, out_channels)])
+    return conv
+
+
+def _batch_norm(channels: int, momentum: float, eps: float) -> nn.BatchNorm2d:
+    bn = nn.BatchNorm2d(channels, eps=eps, momentum=momentum)
+    bn.weight.requires_grad_(False)
+    return bn
+
+
+class WhitenedStage(nn.Module):
+    """conv3x3 -> max-pool 2 -> BN -> GELU, then GELU(BN(conv3x3(x))), added to x when
+    ``residual``. NCHW in, NCHW out at half the height and width."""
+
+    def __init__(
+        self, in_channels: int, out_channels: int, bn_momentum: float, bn_eps: float, residual: bool
+    ):
+        super().__init__()
+        self.entry = nn.Sequential(
+            _conv3x3(in_channels, out_channels),
+            nn.MaxPool2d(2),
+            _batch_norm(out_channels, bn_momentum, bn_eps),
+            nn.GELU(),
+        )
+        self.residual = nn.Sequential(
+            _conv3x3(out_channels, out_channels),
+            _batch_norm(out_channels, bn_momentum, bn_eps),
+            nn.GELU(),
+        )
+        self.is_residual = residual
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.entry(x)
+        return x + self.residual(x) if self.is_residual else self.residual(x)
+
+
+class WhitenedNet(nn.Module):
+    """Whitening stem, three stages, max-pool head. Takes normalised float NCHW images
+    (N, 3, 32, 32), returns (N, num_classes) logits.
+
+    ``bn_momentum`` is PyTorch's (airbench's 0.6 is 1 - 0.4); ``head_pool`` is the
+    max-pool window over the last 4x4 map, 0 for all of it; ``stem_bias_epochs`` is how
+    many epochs the stem's bias trains (None: all of them).
+    """
+
+    def __init__(
+        self,
+        widths: Sequence[int],
+        residual: bool,
+        bn_eps: float,
+        bn_momentum: float,
+        head_pool: int,
+        stem_bias_epochs: int | None,
+        num_classes: int = 10,
+        patch_size: int = 2,
+        logit_scale: float = 1 / 9,
+    ):
+        super().__init__()
+        if len(widths) != 3:
+            raise ValueError(f"a whitened net needs 3 stage widths, got {tuple(widths)}")
+        if stem_bias_epochs is not None and stem_bias_epochs < 0:
+            raise ValueError(f"stem_bias_epochs must be >= 0 or None, got {stem_bias_epochs}")
+        self.patch_size = patch_size
+        self.stem_bias_epochs = stem_bias_epochs
+        stem_width = 2 * 3 * patch_size**2
+        self.stem = nn.Conv2d(3, stem_width, patch_size, bias=True)
+        self.stem.weight.requires_grad_(False)  # fitted to data, then fixed
+        with torch.no_grad():
+            # A private generator: the global random stream (hence every other layer's
+            # init for a given seed) is the same as if the stem took none.
+            noise = torch.randn(
+                stem_width // 2, stem_width // 2, generator=torch.Generator().manual_seed(0)
+            )
+            basis = torch.linalg.qr(noise).Q
+            self._set_stem_filters(basis.T.reshape(-1, 3, patch_size, patch_size))
+            self.stem.bias.zero_()
+        stages, in_channels = [], stem_width
+        for width in widths:
+            stages.append(WhitenedStage(in_channels, width, bn_momentum, bn_eps, residual))
+            in_channels = width
+        self.stages = nn.Sequential(*stages)
+        pool = nn.MaxPool2d(head_pool) if head_pool else nn.AdaptiveMaxPool2d(1)
+        self.head = nn.Sequential(
+            pool, nn.Flatten(), nn.Linear(in_channels, num_classes, bias=False)
+        )
+        self.act = nn.GELU()
+        self.logit_scale = logit_scale
+
+    def set_epoch(self, epoch: int) -> None:
+        """Called before each training epoch (1-based): the stem's bias trains in epochs
+        1..stem_bias_epochs and is frozen after (airbench94's ``whiten_bias_epochs``).
+        A frozen bias gets no gradient, so the optimiser leaves it as it is."""
+        if self.stem_bias_epochs is not None:
+            self.stem.bias.requires_grad_(epoch <= self.stem_bias_epochs)
+
+    @torch.no_grad()
+    def init_from_images(self, images: torch.Tensor, eps: float = 5e-4) -> None:
+        """Fit the stem to normalised float NCHW images (a few thousand are plenty)."""
+        k = self.patch_size
+        patches = images.float().unfold(2, k, 1).unfold(3, k, 1)  # N, C, H', W', k, k
+        patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(-1, 3 * k * k)
+        patches = patches - patches.mean(dim=0)
+        covariance = patches.T @ patches / len(patches)
+        eigenvalues, eigenvectors = torch.linalg.eigh(covariance.double())
+        filters = (eigenvectors.T / torch.sqrt(eigenvalues + eps)[:, None]).float()
+        self._set_stem_filters(filters.reshape(-1, 3, k, k).flip(0))  # strongest direction first
+
+    @torch.no_grad()
+    def _set_stem_filters(self, filters: torch.Tensor) -> None:
+        weight = self.stem.weight
+        weight.copy_(torch.cat([filters, -filters]).to(weight))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stages(self.act(self.stem(x)))
+        return self.head(x) * self.logit_scale
+
+
+def airbench_net(num_classes: int = 10, **kwargs) -> WhitenedNet:
+    """airbench94's network as published: plain stages at widths 64/256/256, BN eps
+    1e-12 and momentum 0.4 (airbench's 0.6), a 3x3 max-pool head, and the stem's bias
+    frozen after 3 epochs. ``kwargs`` override any of these (ablations)."""
+    settings = dict(
+        widths=(64, 256, 256),
+        residual=False,
+        bn_eps=1e-12,
+        bn_momentum=0.4,
+        head_pool=3,
+        stem_bias_epochs=3,
+    )
+    return WhitenedNet(num_classes=num_classes, **{**settings, **kwargs})
+
+
+def whitened_resnet(num_classes: int = 10, **kwargs) -> WhitenedNet:
+    """airbench94's network with residual stages, PyTorch's BN eps (1e-5), a global
+    max-pool head and a stem bias that trains throughout. ``kwargs`` override these."""
+    settings = dict(
+        widths=(64, 256, 256),
+        residual=True,
+        bn_eps=1e-5,
+        bn_momentum=0.4,
+        head_pool=0,
+        stem_bias_epochs=None,
+    )
+    return WhitenedNet(num_classes=num_classes, **{**settings, **kwargs})

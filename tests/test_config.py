@@ -211,7 +211,13 @@ def typed(entry: str, *overrides: str):
         ("train", "optim.weight_decay=-1e-4", "optim.weight_decay must be >= 0, got -0.0001"),
         ("train", "optim.momentum=2", "optim.momentum must be in [0, 1], got 2.0"),
         ("train", "data.num_workers=-1", "data.num_workers must be >= 0, got -1"),
-        ("tune", "tune.n_trials=1.5", "tune.n_trials must be an integer, got 1.5"),
+        ("tune", "tune.n_trials=1.5", "tune.n_trials must be an integer or null, got 1.5"),
+        ("tune", "tune.max_trials=0", "tune.max_trials must be >= 1 or null, got 0"),
+        (
+            "tune",
+            "tune.max_trials=null",
+            "tune needs a limit: set tune.n_trials (this process), tune.max_trials",
+        ),
         ("tune", "tune.timeout=soon", "tune.timeout must be a number or null, got 'soon'"),
         (
             "tune",
@@ -256,7 +262,7 @@ def test_values_hydra_types_loosely_are_taken_as_their_fields_want_them():
     [
         ("train", "train.epochs=1.5", "train.epochs must be an integer, got 1.5"),
         ("train", "train.epochs=ten", "train.epochs must be an integer, got 'ten'"),
-        ("tune", "tune.n_trials=1.5", "tune.n_trials must be an integer, got 1.5"),
+        ("tune", "tune.n_trials=1.5", "tune.n_trials must be an integer or null, got 1.5"),
         ("finetune", "optim.lr=fast", "optim.lr must be a number, got 'fast'"),
     ],
 )

@@ -514,7 +514,8 @@ def tuned(store):
         store,
         "tune",
         {
-            "n_trials": 1,
+            "n_trials": 1,  # this worker's cap, below the study's
+            "max_trials": 3,
             "epochs": 1,
             "study_name": STUDY,
             "storage": store.storage,
@@ -541,7 +542,11 @@ def test_mlflow_run_tune_with_every_parameter(store, tuned):
     run = the_run(tuned)
     params = run.data.params
     assert params["tune.study_name"] == STUDY and params["tune.storage"] == store.storage
-    assert (params["tune.n_trials"], params["tune.epochs"]) == ("1", "1")
+    assert (params["tune.n_trials"], params["tune.max_trials"], params["tune.epochs"]) == (
+        "1",
+        "3",
+        "1",
+    )
     assert optuna.get_all_study_names(store.storage) == [STUDY]
     study = optuna.load_study(study_name=STUDY, storage=store.storage)
     assert [t.state.name for t in study.trials] == ["COMPLETE"]

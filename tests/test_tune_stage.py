@@ -10,11 +10,15 @@ import time
 
 import optuna
 import pytest
+from hydra import compose, initialize_config_dir
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 from stage_utils import BIN, REPO, make_experiment, run_module, stage_env, tiny_overrides
 
-from cifar_resnet.config import ConfigError
+from cifar_resnet import tuning
+from cifar_resnet.config import ConfigError, TuneSettings, section_settings, to_container
+from cifar_resnet.engine import NonFiniteLossError
+from cifar_resnet.stages import CONF_DIR
 from cifar_resnet.tuning import parse_space, with_values
 
 # The regime these margins were measured in: train.yaml's own, without the default
@@ -89,7 +93,7 @@ def test_tune_prunes_records_failures_survives_a_kill_and_resumes(tiny_cifar, tm
             "--experiment-name",
             "e2e",
             "-P",
-            "n_trials=3",
+            "max_trials=3",
             "-P",
             "epochs=2",
             "-P",
@@ -138,6 +142,8 @@ def test_tune_prunes_records_failures_survives_a_kill_and_resumes(tiny_cifar, tm
         3: ("pruned", "FINISHED"),
     }
     assert "NonFiniteLossError" in children[1].data.tags["failure"]
+    # Every run of the study, parent and trials, carries its name: the UI groups them.
+    assert {r.data.tags["optuna.study_name"] for r in [parent, *children.values()]} == {STUDY}
     assert float(children[0].data.params["optim.lr"]) == pytest.approx(GOOD_LR)
     assert [m.step for m in client.get_metric_history(children[0].info.run_id, "val_acc")] == [1, 2]
     # Trials choose hyperparameters: no test metric anywhere, and no registered model.
@@ -152,7 +158,7 @@ def test_tune_prunes_records_failures_survives_a_kill_and_resumes(tiny_cifar, tm
         **{
             "tune.study_name": STUDY,
             "tune.storage": storage,
-            "tune.n_trials": 5,
+            "tune.max_trials": 5,
             "tune.epochs": 40,
             "tune.pruner": "none",
         },
@@ -187,11 +193,17 @@ def test_tune_prunes_records_failures_survives_a_kill_and_resumes(tiny_cifar, tm
     args = tune_overrides(
         tiny_cifar,
         tmp_path,
-        **{"tune.study_name": STUDY, "tune.storage": storage, "tune.n_trials": 5, "tune.epochs": 2},
+        **{
+            "tune.study_name": STUDY,
+            "tune.storage": storage,
+            "tune.max_trials": 5,
+            "tune.epochs": 2,
+        },
     )
     resumed = run_module("cifar_resnet.stages.tune", args, env)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    assert "3 finished trials, running up to 2 more" in resumed.stdout
+    # The killed trial was failed at start (its heartbeat is stale): it no longer counts.
+    assert "3 finished trials, 0 running; this worker runs up to 2 more" in resumed.stdout
     after = finished(storage)
     assert len(after) == 5
     assert {n: after[n] for n in before} == before
@@ -255,3 +267,64 @@ def test_space_keys_must_exist_in_the_config():
         with_values(CONFIG, {"optim.momentum": 0.9})
     assert with_values(CONFIG, {"optim.lr": 0.5})["optim"]["lr"] == 0.5
     assert CONFIG["optim"]["lr"] == 0.1  # a copy: the base config is shared by all trials
+
+
+# --------------------------------------------------------------------------- workers
+# Several workers on one study, without training: the objective only samples.
+
+
+def settings(*overrides: str) -> TuneSettings:
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="tune", overrides=["tune=seed", *overrides])
+    return section_settings(TuneSettings, "tune", to_container(cfg)["tune"])
+
+
+def sample_only(trial: optuna.Trial) -> float:
+    return trial.suggest_float("optim.lr", 1e-6, 1e-2, log=True)
+
+
+def test_trial_n_draws_with_seed_plus_n_whichever_worker_runs_it(tmp_path):
+    """Start-up (random) trials: two workers alternating on one study draw exactly what
+    one worker alone draws with the same seed, and never the same values twice."""
+    values = ("tune.startup_trials=10", "tune.n_trials=1", "tune.max_trials=6")
+    alone = settings(f"tune.storage=sqlite:///{tmp_path}/alone.db", *values)
+    study = tuning.open_study(alone)
+    for _ in range(6):
+        assert tuning.optimize(study, sample_only, alone) == 1
+    shared = settings(f"tune.storage=sqlite:///{tmp_path}/shared.db", *values)
+    workers = [tuning.open_study(shared), tuning.open_study(shared)]
+    for turn in range(6):
+        assert tuning.optimize(workers[turn % 2], sample_only, shared) == 1
+    drawn = [t.params["optim.lr"] for t in workers[0].get_trials()]
+    assert drawn == [t.params["optim.lr"] for t in study.get_trials()]
+    assert len(set(drawn)) == 6
+    assert tuning.optimize(workers[1], sample_only, shared) == 0  # the study is full
+
+
+def test_n_trials_caps_this_worker_and_max_trials_the_whole_study(tmp_path, capsys):
+    caps = settings(f"tune.storage=sqlite:///{tmp_path}/optuna.db", "tune.n_trials=3")
+    assert (caps.n_trials, caps.max_trials) == (3, 20)  # max_trials: conf/tune.yaml's default
+    caps = settings(
+        f"tune.storage=sqlite:///{tmp_path}/optuna.db", "tune.n_trials=3", "tune.max_trials=6"
+    )
+    first, second = tuning.open_study(caps), tuning.open_study(caps)
+    # Another worker's running trial counts toward max_trials.
+    other = optuna.load_study(study_name=caps.study_name, storage=caps.storage)
+    running = other.ask()
+    assert tuning.optimize(first, sample_only, caps) == 3  # its own cap
+    assert tuning.optimize(second, sample_only, caps) == 2  # the study's: 3 + 1 running + 2
+    assert "3 finished trials, 1 running; this worker runs up to 2 more" in capsys.readouterr().out
+    other.tell(running, 0.5)
+    assert tuning.optimize(tuning.open_study(caps), sample_only, caps) == 0
+    assert len(first.get_trials(states=tuning.FINISHED)) == 6
+
+
+def test_a_worker_stops_after_max_failed_trials(tmp_path):
+    def diverges(trial: optuna.Trial) -> float:
+        sample_only(trial)
+        raise NonFiniteLossError("loss is nan")
+
+    limits = settings(f"tune.storage=sqlite:///{tmp_path}/optuna.db", "tune.max_failed_trials=2")
+    study = tuning.open_study(limits)
+    assert tuning.optimize(study, diverges, limits) == 2
+    assert [t.state for t in study.get_trials()] == [TrialState.FAIL] * 2

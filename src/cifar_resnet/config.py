@@ -388,23 +388,32 @@ class TuneSettings:
     study_name: str
     storage: str
     space: dict[str, Any] | None
-    n_trials: int
+    n_trials: int | None  # this process's trials (any state); None: no cap of its own
+    max_trials: int | None  # the whole study's: complete + pruned + running, all workers
     timeout: float | None
     epochs: int
     max_failed_trials: int
-    sampler_seed: int
+    sampler_seed: int | None  # trial n samples with seed + n; None: the OS's randomness
     startup_trials: int
+    constant_liar: bool
     pruner: str
     pruners: dict[str, dict[str, Any]]
     heartbeat_interval: int | None
     grace_period: int | None
 
     def __post_init__(self):
-        if self.n_trials < 1 or self.epochs < 1 or self.max_failed_trials < 1:
+        if self.epochs < 1 or self.max_failed_trials < 1:
             raise ConfigError(
-                "tune.n_trials, tune.epochs and tune.max_failed_trials must be "
-                f"positive, got {self.n_trials}, {self.epochs}, "
-                f"{self.max_failed_trials}"
+                "tune.epochs and tune.max_failed_trials must be positive, got "
+                f"{self.epochs}, {self.max_failed_trials}"
+            )
+        for name in ("n_trials", "max_trials"):
+            value = getattr(self, name)
+            _require(value is None or value >= 1, f"tune.{name}", value, ">= 1 or null")
+        if self.n_trials is None and self.max_trials is None and self.timeout is None:
+            raise ConfigError(
+                "tune needs a limit: set tune.n_trials (this process), tune.max_trials "
+                "(the whole study) or tune.timeout (seconds)"
             )
         if self.timeout is not None and self.timeout <= 0:
             raise ConfigError(f"tune.timeout must be positive seconds or null, got {self.timeout}")

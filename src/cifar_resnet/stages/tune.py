@@ -1,9 +1,13 @@
 """`mlflow run . -e tune`: an Optuna study over the train config; each trial a
 nested MLflow run under this one.
 
-    python -m cifar_resnet.stages.tune tune.n_trials=30 tune.epochs=15
+    python -m cifar_resnet.stages.tune tune.max_trials=30 tune.epochs=15
     python -m cifar_resnet.stages.tune tune=seed tune.study_name=seed-space
-    python -m cifar_resnet.stages.tune recipe=fast tune.storage=postgresql://user@host/optuna
+    python -m cifar_resnet.stages.tune recipe=fast tune.storage=postgresql+psycopg://user@host/optuna
+
+Several of these, on one machine or many, given one storage and study_name share the
+study: each pulls its trials from it, until it has run ``tune.n_trials`` (this worker's
+cap) or the study holds ``tune.max_trials`` (the whole study's).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from . import CONF_DIR, hydra_recomposer, launch, report_user_errors, resolve_re
 # MLproject parameter -> the config key (or group) it sets; `overrides` is the rest.
 PARAMETERS = {
     "n_trials": "tune.n_trials",
+    "max_trials": "tune.max_trials",
     "epochs": "tune.epochs",
     "study_name": "tune.study_name",
     "storage": "tune.storage",

@@ -7,9 +7,11 @@ run per trial.
   own value; ``low``/``high`` give absolute bounds; ``choices`` a categorical).
 - Trials train on the train split and are scored on the validation split (best
   epoch); the test split is emptied before the first trial, so no trial can read it.
-- The study lives in an RDB storage (SQLite by default), so a killed search
-  resumes and several processes can share one study. ``n_trials`` is the study's
-  target of finished (complete or pruned) trials, whoever ran them.
+- The study lives in a storage (SQLite by default, PostgreSQL or a JournalStorage file
+  for several machines), so a killed search resumes and several workers share one
+  study. Two caps: ``n_trials`` is this worker's number of trials, ``max_trials`` the
+  whole study's (complete, pruned and running trials, whoever runs them). Trial n
+  samples with seed ``sampler_seed + n``, so workers never draw the same values.
 - A trial whose loss goes NaN (or that runs out of device memory) is recorded as
   failed and the study goes on.
 
@@ -20,6 +22,7 @@ By concept: ``space`` (what is searched), ``storage`` (where the study lives),
 from .objective import (
     RUN_ID_ATTR,
     STATE_TAG,
+    STUDY_TAG,
     TRIAL_FAILURES,
     Objective,
     PruningLogger,
@@ -29,6 +32,7 @@ from .objective import (
 from .space import Param, get_dotted, parse_space, with_values
 from .storage import StudyError, best_params, describe_storage, load_study, open_storage
 from .study import (
+    COUNTED,
     FINISHED,
     StopAfterFailures,
     finished_count,
@@ -38,14 +42,17 @@ from .study import (
     mark_killed,
     open_study,
     optimize,
+    seeded_per_trial,
     state_counts,
     study_tags,
 )
 
 __all__ = [
+    "COUNTED",
     "FINISHED",
     "RUN_ID_ATTR",
     "STATE_TAG",
+    "STUDY_TAG",
     "TRIAL_FAILURES",
     "Objective",
     "Param",
@@ -66,6 +73,7 @@ __all__ = [
     "open_study",
     "optimize",
     "parse_space",
+    "seeded_per_trial",
     "state_counts",
     "study_tags",
     "with_values",

@@ -15,6 +15,8 @@ from .space import Param, with_values
 # Failures that say something about the sampled values, not about the code.
 TRIAL_FAILURES = (engine.NonFiniteLossError, torch.OutOfMemoryError)
 STATE_TAG = "optuna.state"
+# On every worker's tune run and on every trial's run: the UI groups a study across workers.
+STUDY_TAG = "optuna.study_name"
 RUN_ID_ATTR = "mlflow_run_id"
 
 
@@ -79,7 +81,8 @@ class Objective:
         )
         pruned = None
         with tracking.nested_run(
-            f"trial {trial.number}", tags={"optuna.trial_number": trial.number}
+            f"trial {trial.number}",
+            tags={"optuna.trial_number": trial.number, STUDY_TAG: trial.study.study_name},
         ) as run:
             trial.set_user_attr(RUN_ID_ATTR, run.info.run_id)
             tracking.log_params(

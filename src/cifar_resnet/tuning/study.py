@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import optuna
@@ -12,13 +13,16 @@ from optuna.trial import TrialState
 
 from .. import tracking
 from ..config import ConfigError, TuneSettings
-from .objective import RUN_ID_ATTR, STATE_TAG, TRIAL_FAILURES, Objective
+from .objective import RUN_ID_ATTR, STATE_TAG, STUDY_TAG, TRIAL_FAILURES, Objective
 from .storage import StudyError, describe_storage, open_storage
 
 # Heartbeats and the matplotlib plots are marked experimental; they work and are used on purpose.
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+# What tune.max_trials counts, over every worker: a trial another worker is running
+# counts, so workers do not all start one more when the study is nearly full.
+COUNTED = (*FINISHED, TrialState.RUNNING)
 
 
 def make_pruner(settings: TuneSettings) -> optuna.pruners.BasePruner:
@@ -40,6 +44,7 @@ def make_pruner(settings: TuneSettings) -> optuna.pruners.BasePruner:
 
 
 def finished_count(study: optuna.Study) -> int:
+    """Complete and pruned trials of ``study``, from every worker."""
     return len(study.get_trials(deepcopy=False, states=FINISHED))
 
 
@@ -84,17 +89,41 @@ class StopAfterFailures:
                     "(tune.max_failed_trials)",
                     flush=True,
                 )
+                study.stop()
 
 
-def make_sampler(settings: TuneSettings, trials_so_far: int) -> optuna.samplers.TPESampler:
-    # The seed moves on with the study, so a resumed search does not re-draw the
-    # random start-up values its first process already tried.
+def make_sampler(settings: TuneSettings, trial_number: int) -> optuna.samplers.TPESampler:
+    """The TPE sampler for trial ``trial_number`` (int) of the study: seeded with
+    ``tune.sampler_seed + trial_number`` (from the OS when the seed is None).
+
+    Trial numbers are handed out by the storage, one per trial whichever worker asks, so
+    workers sharing a study never draw the same start-up values, a resumed study does not
+    repeat the draws of its first trials, and one worker alone is reproducible.
+    """
+    seed = None if settings.sampler_seed is None else settings.sampler_seed + trial_number
     return optuna.samplers.TPESampler(
-        seed=settings.sampler_seed + trials_so_far, n_startup_trials=settings.startup_trials
+        seed=seed,
+        n_startup_trials=settings.startup_trials,
+        constant_liar=settings.constant_liar,
     )
 
 
+def seeded_per_trial(objective: Objective, settings: TuneSettings) -> Callable:
+    """``objective`` run with the sampler ``make_sampler`` gives its trial's number. The
+    trial reads ``study.sampler`` at each suggest, so setting it first is enough."""
+
+    def run(trial: optuna.Trial) -> float:
+        trial.study.sampler = make_sampler(settings, trial.number)
+        return objective(trial)
+
+    return run
+
+
 def open_study(settings: TuneSettings) -> optuna.Study:
+    """Create the study ``tune.study_name`` in ``tune.storage``, or load it when it
+    exists (another worker's, or a killed run's: its stale running trials are failed
+    first). Raises StudyError when the storage cannot be opened or the study exists
+    with another direction."""
     storage = open_storage(
         settings.storage, settings.heartbeat_interval, settings.grace_period, mark_killed
     )
@@ -109,33 +138,42 @@ def open_study(settings: TuneSettings) -> optuna.Study:
     except ValueError as err:  # e.g. an existing study with another direction
         raise StudyError(f"study {settings.study_name!r}: {err}") from None
     study.sampler = make_sampler(settings, len(study.get_trials(deepcopy=False)))
+    optuna.storages.fail_stale_trials(study)  # a killed worker's trial no longer counts
     return study
 
 
 def optimize(study: optuna.Study, objective: Objective, settings: TuneSettings) -> int:
-    """Run trials until the study holds ``n_trials`` finished ones; returns how many
-    this process ran."""
-    missing = settings.n_trials - finished_count(study)
-    if missing <= 0:
-        print(
-            f"study {study.study_name!r} already has {finished_count(study)} finished "
-            f"trials (n_trials={settings.n_trials}); nothing to run",
-            flush=True,
-        )
-        return 0
-    print(
-        f"study {study.study_name!r}: {finished_count(study)} finished trials, running "
-        f"up to {missing} more",
-        flush=True,
+    """Run trials until this process has run ``tune.n_trials``, the study holds
+    ``tune.max_trials`` complete, pruned or running ones (every worker's), ``tune.timeout``
+    seconds have passed or ``tune.max_failed_trials`` have failed here, whichever comes
+    first. Returns how many trials this process ran. A trial that raises one of
+    TRIAL_FAILURES is recorded failed; any other exception propagates."""
+    counts = state_counts(study)
+    counted = len(study.get_trials(deepcopy=False, states=COUNTED))
+    room = [n for n in (settings.n_trials, settings.max_trials) if n is not None]
+    if settings.max_trials is not None:
+        room[-1] -= counted
+    where = (
+        f"study {study.study_name!r}: {finished_count(study)} finished trials, "
+        f"{counts['trials_running']} running"
     )
+    if room and min(room) <= 0:
+        print(f"{where}, max_trials={settings.max_trials}; nothing to run", flush=True)
+        return 0
+    ahead = f"up to {min(room)} more" if room else f"for {settings.timeout} s"
+    print(f"{where}; this worker runs {ahead}", flush=True)
     failures = StopAfterFailures(settings.max_failed_trials)
+    callbacks: list[Callable] = [failures]
+    if settings.max_trials is not None:
+        callbacks.append(optuna.study.MaxTrialsCallback(settings.max_trials, states=COUNTED))
     # gc after each trial: a failed trial's model and optimizer leave device memory at once.
     study.optimize(
-        objective,
+        seeded_per_trial(objective, settings),
+        n_trials=settings.n_trials,
         timeout=settings.timeout,
         catch=TRIAL_FAILURES,
         gc_after_trial=True,
-        callbacks=[optuna.study.MaxTrialsCallback(settings.n_trials, states=FINISHED), failures],
+        callbacks=callbacks,
     )
     return failures.ran
 
@@ -192,7 +230,9 @@ def _log_plots(study: optuna.Study, complete: int) -> None:
 
 
 def study_tags(settings: TuneSettings) -> dict[str, Any]:
+    """The tags of a tune (parent) run: the study it worked on, and where it lives."""
     return {
+        STUDY_TAG: settings.study_name,
         "tune.study_name": settings.study_name,
         "tune.storage": describe_storage(settings.storage),
     }

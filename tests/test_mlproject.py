@@ -30,7 +30,13 @@ from cifar_resnet.config import (
     section_settings,
     to_container,
 )
-from cifar_resnet.stages import CONF_DIR, ParameterError, launch, mlproject_argv
+from cifar_resnet.stages import (
+    CONF_DIR,
+    ParameterError,
+    launch,
+    mlproject_argv,
+    processes_wanted,
+)
 
 ENTRY_POINTS = yaml.safe_load((REPO / "MLproject").read_text())["entry_points"]
 PACKAGE = Path(cifar_resnet.__file__).resolve().parent
@@ -216,6 +222,26 @@ def test_launch_reports_a_bad_parameter_in_one_line_and_exit_code_2(monkeypatch,
     assert capsys.readouterr().err.splitlines() == [
         "error: -P epochs='ten\\nmore' must be an integer (it sets train.epochs)"
     ]
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "two", "1.5"])
+def test_nproc_must_be_a_positive_integer(value):
+    with pytest.raises(ParameterError) as err:
+        processes_wanted([f"nproc={value}", "epochs=1"], stage_module("train").PARAMETERS)
+    assert str(err.value) == (
+        f"-P nproc={value!r} must be a positive integer "
+        "(the processes torchrun starts on this machine)"
+    )
+
+
+def test_nproc_is_launchs_and_never_reaches_the_config():
+    argv = argv_as_mlflow_run_builds_it("train", {"nproc": "2", "epochs": "1"})
+    assert processes_wanted(argv, stage_module("train").PARAMETERS) == (
+        2,
+        [a for a in argv if not a.startswith("nproc=")],
+    )
+    assert processes_wanted(["nproc=", "x=1"], stage_module("train").PARAMETERS) == (1, ["x=1"])
+    assert "nproc" not in str(composed("train", {"nproc": "4"}))
 
 
 def test_overrides_stay_hydra_syntax_split_like_a_shell_line():
@@ -503,8 +529,11 @@ def the_run(ran: SimpleNamespace):
 
 @pytest.fixture(scope="module")
 def trained(store):
+    # nproc=2: two processes under torchrun (test_distributed has the rest of that story).
     return mlflow_run(
-        store, "train", {"epochs": 1, "model": "resnet_small", "overrides": " ".join(store.data)}
+        store,
+        "train",
+        {"epochs": 1, "model": "resnet_small", "nproc": 2, "overrides": " ".join(store.data)},
     )
 
 
@@ -530,6 +559,7 @@ def test_mlflow_run_train_with_every_parameter(store, trained):
     params = run.data.params
     assert (params["epochs"], params["model"]) == ("1", "resnet_small")  # logged by mlflow run
     assert (params["train.epochs"], params["model.name"]) == ("1", "resnet_small")
+    assert (params["nproc"], params["world_size"], params["dist_backend"]) == ("2", "2", "gloo")
     assert params["registry.model_name"] == MODEL
     [version] = store.client.search_model_versions(
         f"name = '{MODEL}' and run_id = '{run.info.run_id}'"

@@ -98,6 +98,8 @@ class LoopSettings:
     device: str
     threads: int  # torch's CPU threads; 0 = every core this process may use
     deterministic: bool  # PyTorch's deterministic algorithms (slower on CUDA)
+    sync_bn: bool  # under torchrun: SyncBatchNorm (CUDA only) instead of per-process BN
+    dist_timeout_minutes: float  # under torchrun: how long a collective waits for a rank
     checkpoint_dir: str
     progress: bool
     tta: str
@@ -324,6 +326,12 @@ def validate(s: TrainSettings) -> None:
     _require(s.train.eval_batch_size >= 1, "train.eval_batch_size", s.train.eval_batch_size, ">= 1")
     _require(s.train.patience >= 0, "train.patience", s.train.patience, ">= 0 (0 = off)")
     _require(s.train.grad_clip >= 0, "train.grad_clip", s.train.grad_clip, ">= 0 (0 = off)")
+    _require(
+        s.train.dist_timeout_minutes > 0,
+        "train.dist_timeout_minutes",
+        s.train.dist_timeout_minutes,
+        "> 0",
+    )
     _require(
         0 <= s.train.ema_decay < 1, "train.ema_decay", s.train.ema_decay, "in [0, 1) (0 = off)"
     )

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from . import distributed
 from .optim import Lookahead, ModelEMA
 
 
@@ -127,8 +128,13 @@ def train_one_epoch(
     grad_clip: float = 0.0,
     channels_last: bool = True,
     progress: str | None = None,
+    world: distributed.World = distributed.SINGLE,
 ) -> EpochResult:
-    """One pass over ``batches`` of (uint8 NCHW images, labels); returns mean loss and accuracy."""
+    """One pass over ``batches`` of (uint8 NCHW images, labels); returns mean loss and accuracy.
+
+    Under torchrun (``world``), ``model`` is the DistributedDataParallel wrapper and
+    ``batches`` this process's share; loss, accuracy and images are summed over all
+    processes, so every process returns the whole step's figures."""
     model.train()
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
@@ -174,13 +180,16 @@ def train_one_epoch(
         seen += n
         bar.update(n)
     bar.close()
+    if world.distributed:
+        totals = torch.stack([loss_sum, correct.double(), loss_sum.new_tensor(seen)])
+        loss_sum, correct, seen = distributed.sum_across(totals, world).tolist()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
-    loss_value = loss_sum.item() / max(seen, 1)
+    loss_value = float(loss_sum) / max(seen, 1)
     if not math.isfinite(loss_value):
         raise NonFiniteLossError(f"training loss is {loss_value}; lower the learning rate")
-    return EpochResult(loss_value, correct.item() / max(seen, 1), seen, seconds)
+    return EpochResult(loss_value, float(correct) / max(seen, 1), int(seen), seconds)
 
 
 def _num_images(batches) -> int | None:
@@ -330,6 +339,7 @@ def fit(
     checkpoint_extra: dict | None = None,
     logger: EpochLogger | None = None,
     progress: bool = True,
+    world: distributed.World = distributed.SINGLE,
 ) -> TrainState:
     """Train from ``state.epoch + 1`` to ``epochs``, validating, checkpointing and
     logging after each epoch. ``train_batches(epoch)`` returns that epoch's batches.
@@ -338,11 +348,19 @@ def fit(
     leaves an epoch in the checkpoint's history that the logger never saw; the
     caller replays it on resume (see ``unlogged_epochs``), so curves have no gap
     and no repeat.
+
+    Under torchrun (``world``): every process trains ``parts.model`` through
+    DistributedDataParallel on its share of ``train_batches``; validation is read on
+    rank 0 (the number one process gets) and shared, so every process takes the same
+    early-stopping decision; only rank 0 checkpoints, logs and prints.
     """
     state = state or TrainState()
     extra = checkpoint_extra or {}
-    # The compiled module shares its parameters with parts.model, which is what gets saved.
-    train_model = torch.compile(parts.model) if compile else parts.model
+    if not world.is_main:
+        checkpoint_dir, logger = None, None
+    # The wrappers share their parameters with parts.model, which is what gets saved.
+    train_model = distributed.data_parallel(parts.model, world, device)
+    train_model = torch.compile(train_model) if compile else train_model
     while state.epoch < epochs and not state.stopped_early:
         epoch = state.epoch + 1
         lr = parts.optimizer.param_groups[0]["lr"]
@@ -363,7 +381,8 @@ def fit(
             ema=parts.ema,
             grad_clip=grad_clip,
             channels_last=channels_last,
-            progress=desc,
+            progress=desc if world.is_main else None,
+            world=world,
         )
         metrics = {
             "train_loss": result.loss,
@@ -374,14 +393,20 @@ def fit(
         }
         val_acc = -1.0
         if len(val_labels):
-            val_loss, val_acc, _ = evaluate(
-                parts.eval_model(),
-                val_images,
-                val_labels,
-                device,
-                batch_size=eval_batch_size,
-                amp_dtype=amp_dtype,
+            # Read once, on rank 0, then shared: the other ranks hold the same weights.
+            val = (
+                evaluate(
+                    parts.eval_model(),
+                    val_images,
+                    val_labels,
+                    device,
+                    batch_size=eval_batch_size,
+                    amp_dtype=amp_dtype,
+                )[:2]
+                if world.is_main
+                else None
             )
+            val_loss, val_acc = distributed.from_main(val, world)
             metrics.update(val_loss=val_loss, val_acc=val_acc)
         state.epoch = epoch
         state.history.append(metrics)
@@ -401,7 +426,8 @@ def fit(
                 save_checkpoint(checkpoint_dir / "best.pt", parts, state, extra)
         if logger is not None:
             logger.log_epoch(epoch, metrics)
-        print(_summary_line(epoch, epochs, metrics, improved), flush=True)
+        if world.is_main:
+            print(_summary_line(epoch, epochs, metrics, improved), flush=True)
     return state
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import data, engine, hardware, pipeline, plots, tracking, training
+from . import data, distributed, engine, hardware, pipeline, plots, tracking, training
 from .config import ConfigError, TrainSettings
 from .serving import save_weights
 
@@ -29,17 +29,23 @@ class Terminated(KeyboardInterrupt):
     KILLED) treats it alike."""
 
 
-def load_resume_checkpoint(checkpoint_dir: str | Path, run_id: str) -> dict:
+def load_resume_checkpoint(
+    checkpoint_dir: str | Path, run_id: str, world: distributed.World = distributed.SINGLE
+) -> dict:
     """The last checkpoint of run ``run_id``, checked: a run that finished, a checkpoint
-    of another format, or a missing file is a ConfigError (one line, no run touched)."""
-    status = tracking.run_status(run_id)
-    if status is None:
-        raise ConfigError(f"resume={run_id}: no such MLflow run in {tracking.tracking_uri()}")
-    if status == "FINISHED":
-        raise ConfigError(
-            f"resume={run_id}: that run finished; there is nothing to resume "
-            "(train a new run, or finetune its registered version)"
-        )
+    of another format, or a missing file is a ConfigError (one line, no run touched).
+
+    Under torchrun only rank 0 asks MLflow about the run; every process reads the
+    checkpoint file (on a shared or copied ``checkpoint_dir``)."""
+    if world.is_main:
+        status = tracking.run_status(run_id)
+        if status is None:
+            raise ConfigError(f"resume={run_id}: no such MLflow run in {tracking.tracking_uri()}")
+        if status == "FINISHED":
+            raise ConfigError(
+                f"resume={run_id}: that run finished; there is nothing to resume "
+                "(train a new run, or finetune its registered version)"
+            )
     path = Path(checkpoint_dir) / run_id / "last.pt"
     if not path.is_file():
         raise ConfigError(
@@ -77,6 +83,7 @@ def train_and_register(
     initial_state_dict: dict | None = None,
     extra_tags: dict[str, str] | None = None,
     requested_recipe: str | None = None,
+    world: distributed.World = distributed.SINGLE,
 ) -> dict:
     """Train ``settings`` (``config`` is its resolved, untyped form, logged as params),
     read the test set once, log the reports and register the chosen weights.
@@ -85,21 +92,59 @@ def train_and_register(
     from) and ``extra_tags`` (lineage, set on the run and the registered version).
     ``requested_recipe`` is "auto" when the stage chose ``settings.recipe`` itself.
     Returns the summary metrics. Raises ConfigError/DataError before any run exists.
+
+    Under torchrun (``world`` from ``distributed.from_environment``), every process
+    joins the process group here and trains its share; rank 0 alone creates the run,
+    checkpoints, reads the test set and registers, and the others return ``{}`` once
+    the training is over.
     """
-    if settings.settings_from_run:  # looked up before any data is read
+    with distributed.process_group(world, settings.train.dist_timeout_minutes):
+        return _train_and_register(
+            settings,
+            config,
+            world,
+            resume_checkpoint=resume_checkpoint,
+            resume_run_id=resume_run_id,
+            initial_state_dict=initial_state_dict,
+            extra_tags=extra_tags,
+            requested_recipe=requested_recipe,
+        )
+
+
+def _train_and_register(
+    settings: TrainSettings,
+    config: dict,
+    world: distributed.World,
+    *,
+    resume_checkpoint: dict | None,
+    resume_run_id: str | None,
+    initial_state_dict: dict | None,
+    extra_tags: dict[str, str] | None,
+    requested_recipe: str | None,
+) -> dict:
+    if settings.settings_from_run and world.is_main:  # looked up before any data is read
         extra_tags = {
             **(extra_tags or {}),
             **tracking.settings_source_tags(str(settings.settings_from_run)),
         }
     requested_precision = settings.train.precision
-    settings, device = pipeline.prepare_machine(settings)
+    settings, device = pipeline.prepare_machine(settings, world)
     if resume_checkpoint is not None:
         check_same_machine(resume_checkpoint, settings, device)
-    if requested_recipe:
+    if requested_recipe and world.is_main:
         print(f"recipe {requested_recipe} -> {settings.recipe} (device {device})", flush=True)
-    print(hardware.machine_line(device, requested_precision, settings.train.precision), flush=True)
+    if world.is_main:
+        print(
+            hardware.machine_line(device, requested_precision, settings.train.precision),
+            flush=True,
+        )
     splits = pipeline.load_data(settings.data)
-    run = training.prepare(settings, splits, device, initial_state_dict=initial_state_dict)
+    run = training.prepare(
+        settings, splits, device, initial_state_dict=initial_state_dict, world=world
+    )
+    if not world.is_main:  # trains its share; MLflow, checkpoints and the test are rank 0's
+        training.fit(run, resume=resume_checkpoint)
+        return {}
     warning = pipeline.long_run_warning(settings, len(splits.train_labels), run.parts.model, device)
     if warning:
         print(warning, file=sys.stderr, flush=True)
@@ -241,6 +286,7 @@ def run_params(run: training.Training, device: torch.device) -> dict:
     return {
         "parameters": run.parameters,
         **pipeline.machine_params(run.settings, device),
+        **distributed.params(run.world, device, run.settings.train.batch_size),
         "device_name": torch.cuda.get_device_name(device)
         if device.type == "cuda"
         else tracking.processor_name(),

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import data, engine, hardware
+from . import data, distributed, engine, hardware
 from .batch_augment import BatchAugment
 from .config import ConfigError, DataSettings, ModelSettings, TrainSettings
 from .models import ImageClassifier, build_model, count_parameters
@@ -65,11 +65,21 @@ def _expected_md5(settings: DataSettings) -> dict[str, str] | None:
 
 
 def train_batches(
-    settings: TrainSettings, splits: data.CifarSplits, device: torch.device
+    settings: TrainSettings,
+    splits: data.CifarSplits,
+    device: torch.device,
+    world: distributed.World = distributed.SINGLE,
 ) -> Callable[[int], Iterable]:
-    """epoch -> that epoch's training batches, reproducible from (seed, epoch)."""
+    """epoch -> that epoch's training batches, reproducible from (seed, epoch).
+
+    Under torchrun, this process's share of them: ``train.batch_size`` is the global
+    batch (ConfigError when it does not divide over ``world.size`` processes); the
+    tensor path slices each global batch, the Albumentations path uses torch's
+    DistributedSampler. The number of steps an epoch is the same as for one process.
+    """
     images, labels = splits.train_images, splits.train_labels
     batch_size = settings.train.batch_size
+    rank_batch = distributed.per_rank_batch(batch_size, world)
     # Dropping the ragged last batch keeps BN statistics sane, unless the set is tiny.
     drop_last = len(labels) * settings.data.repeats > batch_size
     if settings.data.loader == "tensor":
@@ -84,6 +94,8 @@ def train_batches(
             augment=aug,
             seed=settings.seed,
             repeats=settings.data.repeats,
+            rank=world.rank,
+            world_size=world.size,
         )
 
         def tensor_epoch(epoch: int):
@@ -99,7 +111,7 @@ def train_batches(
         return data.make_loader(
             images,
             labels,
-            batch_size,
+            rank_batch,
             transform=transform,
             repeats=settings.data.repeats,
             shuffle=True,
@@ -108,22 +120,38 @@ def train_batches(
             seed=settings.seed,
             epoch=epoch,
             pin_memory=device.type == "cuda",
+            rank=world.rank,
+            world_size=world.size,
         )
 
     return loader_epoch
 
 
-def prepare_machine(settings: TrainSettings) -> tuple[TrainSettings, torch.device]:
+def prepare_machine(
+    settings: TrainSettings, world: distributed.World = distributed.SINGLE
+) -> tuple[TrainSettings, torch.device]:
     """Decide device, threads and precision once, for everything the run does next.
 
     Returns ``settings`` with ``train.precision`` resolved (fp32, bf16 or fp16) and the
     device. Where the hardware checks cannot tell, ``precision: auto`` times both
     precisions on the run's network (see ``hardware.resolve_precision``); that leaves
-    the random state alone.
+    the random state alone. Under torchrun (``world``, its process group joined):
+    CUDA means ``cuda:LOCAL_RANK``, ``train.threads: 0`` shares the usable cores among
+    the machine's processes, and every process takes rank 0's precision. Raises
+    ConfigError for ``train.sync_bn`` off CUDA and for a global batch that does not
+    divide over the processes.
     """
     t = settings.train
-    device = hardware.resolve_device(t.device)
-    hardware.configure_threads(t.threads)
+    device = distributed.training_device(hardware.resolve_device(t.device), world)
+    distributed.check_sync_bn(t.sync_bn, device)
+    distributed.per_rank_batch(t.batch_size, world)
+    if world.distributed and device.type == "cuda":
+        torch.cuda.set_device(device)  # NCCL and the CUDA RNG use this process's GPU
+    threads = t.threads
+    if not threads and world.local_size > 1 and not os.environ.get("OMP_NUM_THREADS"):
+        # OMP_NUM_THREADS is per process already (torchrun sets 1); cores are not.
+        threads = max(1, hardware.usable_cores() // world.local_size)
+    hardware.configure_threads(threads)
 
     @functools.cache
     def probe() -> nn.Module:  # built once, only if a measurement is needed
@@ -135,6 +163,7 @@ def prepare_machine(settings: TrainSettings) -> tuple[TrainSettings, torch.devic
         return measure_images_per_second(probe(), min(t.batch_size, 128), device, dtype)
 
     precision = hardware.resolve_precision(t.precision, device, measure=measure)
+    precision = distributed.from_main(precision, world)  # a measurement may differ by rank
     configure_backend(device, t.deterministic)
     return dataclasses.replace(settings, train=dataclasses.replace(t, precision=precision)), device
 
@@ -245,6 +274,7 @@ def run_fit(
     checkpoint_dir: Path | None = None,
     checkpoint_extra: dict | None = None,
     logger=None,
+    world: distributed.World = distributed.SINGLE,
 ) -> engine.TrainState:
     t = settings.train
     return engine.fit(
@@ -266,6 +296,7 @@ def run_fit(
         checkpoint_extra=checkpoint_extra,
         logger=logger,
         progress=t.progress,
+        world=world,
     )
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from . import data, engine, hardware, pipeline
+from . import data, distributed, engine, hardware, pipeline
 from .config import TrainSettings
 from .models import count_parameters
 
@@ -28,8 +28,9 @@ class Training:
     device: torch.device
     splits: data.CifarSplits
     parts: engine.TrainingParts
-    batches: object  # epoch -> that epoch's batches
+    batches: object  # epoch -> that epoch's batches (this process's share under torchrun)
     parameters: int  # of the network
+    world: distributed.World  # the processes training together (SINGLE: just this one)
 
     @property
     def amp_dtype(self) -> torch.dtype | None:
@@ -42,6 +43,7 @@ def prepare(
     device: torch.device,
     *,
     initial_state_dict: dict | None = None,
+    world: distributed.World = distributed.SINGLE,
 ) -> Training:
     """Seed everything, then build the network, the epoch's loaders and the training parts.
 
@@ -49,11 +51,14 @@ def prepare(
     ``pipeline.prepare_machine``), else ValueError. ``initial_state_dict``: trained
     ImageClassifier weights to start from (finetune); Lookahead's slow weights and the
     EMA start from them too. Raises ConfigError for a network over its parameter budget.
+    Under torchrun (``world``, its process group joined), every process builds the
+    same network from the same seed and loads this process's share of the batches;
+    ``train.sync_bn`` turns the BatchNorm layers into SyncBatchNorm.
     """
     hardware.autocast_dtype(settings.train.precision)  # refuses an unresolved "auto"
     engine.seed_everything(settings.seed)
     net = pipeline.build_network(settings.model)
-    batches = pipeline.train_batches(settings, splits, device)
+    batches = pipeline.train_batches(settings, splits, device, world)
     parts = pipeline.build_parts(settings, net, splits, pipeline.steps_per_epoch(batches), device)
     if initial_state_dict is not None:
         # Normalisation buffers included: the weights learnt with their source's mean/std.
@@ -62,7 +67,11 @@ def prepare(
             parts.ema.module.load_state_dict(initial_state_dict)
         if parts.lookahead is not None:
             parts.lookahead.reset()  # else its slow weights would pull back to the random init
-    return Training(settings, device, splits, parts, batches, count_parameters(net))
+    if settings.train.sync_bn and world.distributed:
+        # After the optimiser's groups are made (they find BatchNorm by its class); the
+        # converted layers keep the same parameter tensors.
+        distributed.convert_sync_batchnorm(parts.model)
+    return Training(settings, device, splits, parts, batches, count_parameters(net), world)
 
 
 def fit(
@@ -98,6 +107,7 @@ def fit(
         checkpoint_dir=checkpoint_dir,
         checkpoint_extra=checkpoint_extra,
         logger=logger,
+        world=training.world,
     )
 
 

@@ -19,7 +19,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler, SequentialSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, SequentialSampler
 
 # What TensorLoader calls on each batch: (uint8 NCHW images, their dataset indices, epoch,
 # generator, seed=...) -> augmented images; batch_augment.BatchAugment is one. A protocol
@@ -112,27 +112,34 @@ class _EpochShuffleSampler(Sampler[int]):
         return iter(torch.randperm(self.size, generator=generator).tolist())
 
 
-def _seed_worker(worker_id: int, seed: int, epoch: int) -> None:
+def _seed_worker(worker_id: int, seed: int, epoch: int, first_worker: int = 0) -> None:
     # Each worker is one of several processes on the cores: OpenCV's own thread pool
     # per worker would oversubscribe them (torch already sets 1 thread in workers).
     import cv2
 
     cv2.setNumThreads(1)
     dataset = torch.utils.data.get_worker_info().dataset
-    reseed_transform(dataset.transform, derive_seed(seed, epoch, _AUGMENT, worker_id))
+    reseed_transform(
+        dataset.transform, derive_seed(seed, epoch, _AUGMENT, first_worker + worker_id)
+    )
 
 
 class _EpochLoader(DataLoader):
     """A DataLoader whose every pass replays the same (seed, epoch) augmentations,
     also without worker processes (where no worker_init_fn runs)."""
 
-    def __init__(self, dataset: AugmentedDataset, *, seed: int, epoch: int, **kwargs):
+    def __init__(
+        self, dataset: AugmentedDataset, *, seed: int, epoch: int, first_worker: int, **kwargs
+    ):
         super().__init__(dataset, **kwargs)
-        self.seed, self.epoch = seed, epoch
+        self.seed, self.epoch, self.first_worker = seed, epoch, first_worker
 
     def __iter__(self):
         if self.num_workers == 0:
-            reseed_transform(self.dataset.transform, derive_seed(self.seed, self.epoch, _AUGMENT))
+            reseed_transform(
+                self.dataset.transform,
+                derive_seed(self.seed, self.epoch, _AUGMENT, self.first_worker),
+            )
         return super().__iter__()
 
 
@@ -148,6 +155,8 @@ def make_loader(
     seed: int = 0,
     epoch: int = 0,
     pin_memory: bool = False,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> DataLoader:
     """One epoch's batches of (uint8 NCHW tensor, int64 labels).
 
@@ -156,21 +165,46 @@ def make_loader(
     iterating the loader again replays the same epoch. The caller's
     ``transform`` is copied, never reseeded in place. ``pin_memory`` only pays off
     when the batches go on to a CUDA device.
+
+    Data-parallel (``world_size`` > 1): this is process ``rank``'s share, from torch's
+    DistributedSampler (shuffled from ``seed``, ``set_epoch(epoch)``, the tail that does
+    not divide evenly dropped, so every process takes the same number of steps);
+    ``batch_size`` is then the per-process batch, and the processes' workers draw
+    augmentation streams of their own. Raises ValueError for a rank outside
+    0 .. world_size - 1.
     """
     if seed < 0 or epoch < 0:
         raise ValueError(f"seed and epoch must be >= 0, got {seed}, {epoch}")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
     dataset = AugmentedDataset(images, labels, copy.deepcopy(transform), repeats)
-    sampler = (_EpochShuffleSampler(len(dataset), derive_seed(seed, epoch, _SHUFFLE))
-               if shuffle else SequentialSampler(dataset))
+    if world_size > 1:
+        sampler = DistributedSampler(
+            dataset,
+            num_replicas=world_size,
+            rank=rank,
+            shuffle=shuffle,
+            seed=derive_seed(seed, 0, _SHUFFLE),
+            drop_last=True,
+        )
+        sampler.set_epoch(epoch)
+    elif shuffle:
+        sampler = _EpochShuffleSampler(len(dataset), derive_seed(seed, epoch, _SHUFFLE))
+    else:
+        sampler = SequentialSampler(dataset)
+    first_worker = rank * max(num_workers, 1)  # 0 for one process: its streams are unchanged
     return _EpochLoader(
         dataset,
         seed=seed,
         epoch=epoch,
+        first_worker=first_worker,
         batch_size=batch_size,
         sampler=sampler,
         drop_last=drop_last,
         num_workers=num_workers,
-        worker_init_fn=functools.partial(_seed_worker, seed=seed, epoch=epoch)
+        worker_init_fn=functools.partial(
+            _seed_worker, seed=seed, epoch=epoch, first_worker=first_worker
+        )
         if num_workers > 0 else None,
         # Worker base seeds come from here rather than from torch's global RNG,
         # which a loader should neither consume nor depend on.
@@ -192,6 +226,14 @@ class TensorLoader:
     on the device seeded with (seed, e); ``augment`` sees whole batches with
     their dataset indices. Yields (x uint8 NCHW, y int64), both on ``device``.
     Same device type + same seed -> the same batches (CPU and CUDA streams differ).
+
+    Data-parallel (``world_size`` > 1): ``batch_size`` stays the global batch, and
+    process ``rank`` yields its contiguous slice of each global batch (``batch_size /
+    world_size`` images; the ragged last one split as evenly as it goes), so the
+    processes together see exactly the batches, in the order, that one process with
+    the same seed sees. To keep that true of the augmentations too, each process
+    augments the whole global batch and keeps its slice (the random draws depend on
+    the batch's size); augmentation is a few gathers, small next to the network.
     """
 
     def __init__(
@@ -205,11 +247,16 @@ class TensorLoader:
         augment: BatchTransform | None = None,
         seed: int = 0,
         repeats: int = 1,
+        rank: int = 0,
+        world_size: int = 1,
     ):
         images = torch.as_tensor(images)
         _check_images_and_labels(images, labels, repeats)
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
+        self.rank, self.world_size = rank, world_size
         self.device = torch.device(device)
         # NHWC memory viewed as NCHW is exactly the channels_last layout.
         self.images = images.to(self.device).permute(0, 3, 1, 2)
@@ -224,7 +271,8 @@ class TensorLoader:
 
     @property
     def num_images(self) -> int:
-        """Images an epoch shows: every image ``repeats`` times, each with fresh augmentation."""
+        """Images an epoch shows (all processes together): every image ``repeats``
+        times, each with fresh augmentation."""
         return len(self.labels) * self.repeats
 
     def set_epoch(self, epoch: int) -> None:
@@ -247,7 +295,15 @@ class TensorLoader:
         order = order % len(self.labels)
         for batch in range(len(self)):
             indices = order[batch * self.batch_size:(batch + 1) * self.batch_size]
-            x = self.images[indices]
-            if self.augment is not None:
-                x = self.augment(x, indices, epoch, generator, seed=self.seed)
-            yield x, self.labels[indices]
+            if self.augment is None:
+                mine = self._share(indices)
+                yield self.images[mine], self.labels[mine]
+                continue
+            x = self.augment(self.images[indices], indices, epoch, generator, seed=self.seed)
+            yield self._share(x), self.labels[self._share(indices)]
+
+    def _share(self, batch: torch.Tensor) -> torch.Tensor:
+        """This process's contiguous slice of a global batch (all of it for one process)."""
+        if self.world_size == 1:
+            return batch
+        return batch.tensor_split(self.world_size)[self.rank]

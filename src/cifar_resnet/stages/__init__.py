@@ -26,6 +26,10 @@ def config_dir() -> str:
 
 CONF_DIR = config_dir()
 
+# In a stage's PARAMETERS: a parameter that sets no config key but how many processes
+# torchrun starts on this machine (``-P nproc=2``); see ``launch``.
+NPROC = "torchrun:nproc_per_node"
+
 
 def mlproject_argv(argv: list[str], aliases: dict[str, str]) -> list[str]:
     """Turn MLproject-style arguments into Hydra overrides.
@@ -54,6 +58,8 @@ def mlproject_argv(argv: list[str], aliases: dict[str, str]) -> list[str]:
                     "of Hydra overrides, split as a shell splits it"
                 ) from None
         elif sep and key in aliases:
+            if aliases[key] == NPROC:
+                continue  # launch's business, not the config's
             if value.strip():
                 out.append(parameter_override(key, aliases[key], value))
         else:
@@ -178,11 +184,50 @@ def report_user_errors(task: Callable) -> Callable:
 def launch(main: Callable[[], None], aliases: dict[str, str]) -> None:
     """Run a stage's ``@hydra.main`` with its MLproject parameters (``aliases``:
     parameter -> config key or group) turned into overrides; a bad parameter is one
-    line on stderr and exit code 2."""
+    line on stderr and exit code 2.
+
+    A parameter mapped to ``NPROC`` (``nproc=N``) with N > 1 replaces this process by
+    ``python -m torch.distributed.run --standalone --nproc_per_node=N -m <this stage>``
+    with the other arguments, so ``mlflow run . -e train -P nproc=2`` trains with two
+    processes (under ``mlflow run``'s run: rank 0 logs into it); empty or 1 runs here.
+    """
     try:
-        argv = mlproject_argv(sys.argv[1:], aliases)
+        nproc, args = processes_wanted(sys.argv[1:], aliases)
+        argv = mlproject_argv(args, aliases)
     except ParameterError as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
+    if nproc > 1:
+        module = sys.modules["__main__"].__spec__.name  # the stage, run as python -m
+        torchrun = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+        sys.stdout.flush()
+        os.execv(sys.executable, [sys.executable, *torchrun, "-m", module, *args])
     sys.argv = [sys.argv[0], *argv]
     main()
+
+
+def processes_wanted(argv: list[str], aliases: dict[str, str]) -> tuple[int, list[str]]:
+    """(processes to start, ``argv`` without the ``NPROC`` parameter): 1 when it is
+    absent or empty.
+
+    Raises ParameterError for a value that is not a positive integer, or for one over 1
+    inside a process torchrun started (WORLD_SIZE set), which would start N more."""
+    names = {name for name, key in aliases.items() if key == NPROC}
+    nproc, rest = 1, []
+    for arg in argv:
+        name, sep, value = arg.partition("=")
+        if not (sep and name in names):
+            rest.append(arg)
+        elif value.strip():
+            if not re.fullmatch(r"[0-9]+", value.strip()) or int(value) < 1:
+                raise ParameterError(
+                    f"-P {name}={value!r} must be a positive integer "
+                    "(the processes torchrun starts on this machine)"
+                )
+            nproc = int(value)
+    if nproc > 1 and "WORLD_SIZE" in os.environ:
+        raise ParameterError(
+            f"nproc={nproc} inside a process torchrun started: give torchrun "
+            "--nproc_per_node instead"
+        )
+    return nproc, rest

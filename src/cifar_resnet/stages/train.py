@@ -2,6 +2,7 @@
 
 python -m cifar_resnet.stages.train model=resnet18_slim train.epochs=30
 python -m cifar_resnet.stages.train resume=<mlflow run id>
+torchrun --standalone --nproc_per_node=2 -m cifar_resnet.stages.train ...   (docs/scaling.md)
 """
 
 from __future__ import annotations
@@ -10,9 +11,17 @@ import hydra
 import yaml
 from omegaconf import DictConfig
 
-from .. import experiment
+from .. import distributed, experiment
 from ..config import ConfigError, to_container, train_settings
-from . import CONF_DIR, hydra_recomposer, launch, report_user_errors, resolve_recipe, task_overrides
+from . import (
+    CONF_DIR,
+    NPROC,
+    hydra_recomposer,
+    launch,
+    report_user_errors,
+    resolve_recipe,
+    task_overrides,
+)
 
 # What may come with resume=: where the checkpoints are. Anything else would make the
 # resumed run differ from the one it continues.
@@ -20,12 +29,14 @@ RESUME_OVERRIDES = ("resume", "train.checkpoint_dir")
 
 
 # MLproject parameter -> the config key (or group) it sets; `overrides` is the rest.
-PARAMETERS = {"epochs": "train.epochs", "model": "model"}
+# `nproc` sets no key: it is how many processes torchrun starts (see stages.launch).
+PARAMETERS = {"epochs": "train.epochs", "model": "model", "nproc": NPROC}
 
 
 @hydra.main(config_path=CONF_DIR, config_name="train", version_base="1.3")
 @report_user_errors
 def main(cfg: DictConfig) -> None:
+    world = distributed.from_environment()  # torchrun's processes, or just this one
     resume = cfg.get("resume")
     checkpoint = None
     requested_recipe = None
@@ -38,7 +49,7 @@ def main(cfg: DictConfig) -> None:
                 f"resume={resume} continues the run with its own config; "
                 f"drop the overrides {' '.join(extra)}"
             )
-        checkpoint = experiment.load_resume_checkpoint(cfg.train.checkpoint_dir, resume)
+        checkpoint = experiment.load_resume_checkpoint(cfg.train.checkpoint_dir, resume, world)
         config = yaml.safe_load(checkpoint["config"])
     else:
         cfg, requested_recipe = resolve_recipe(cfg, hydra_recomposer("train"))
@@ -49,6 +60,7 @@ def main(cfg: DictConfig) -> None:
         resume_checkpoint=checkpoint,
         resume_run_id=resume,
         requested_recipe=requested_recipe,
+        world=world,
     )
 
 

@@ -65,7 +65,9 @@ def training_run(
     if not launcher_run:
         mlflow.set_experiment(experiment_name)
     with _killed_on_interrupt(
-        mlflow.start_run(run_name=run_name, tags=tags, log_system_metrics=system_metrics)
+        mlflow.start_run(
+            run_name=run_name, tags=_tag_values(tags), log_system_metrics=system_metrics
+        )
     ) as run:
         yield run
 
@@ -127,8 +129,13 @@ def settings_source_tags(run_id: str) -> dict[str, str]:
 @contextlib.contextmanager
 def nested_run(run_name: str, tags: dict | None = None) -> Iterator[mlflow.ActiveRun]:
     """A child of the active run (a tuning trial under its study's run)."""
-    with mlflow.start_run(run_name=run_name, nested=True, tags=tags) as run:
+    with mlflow.start_run(run_name=run_name, nested=True, tags=_tag_values(tags)) as run:
         yield run
+
+
+def _tag_values(tags: dict | None) -> dict[str, str] | None:
+    # Tags are text: a local store takes an int, a tracking server's REST client does not.
+    return None if tags is None else {k: str(v) for k, v in tags.items()}
 
 
 def log_params(params: dict[str, Any]) -> None:

@@ -140,3 +140,22 @@ def cifar_root() -> Path:
     ):
         pytest.skip(f"no CIFAR-10 batches under CIFAR10_ROOT={root}")
     return root_path
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A throw-away PostgreSQL server on 127.0.0.1 (tests/services.py): a fresh cluster in
+    a temporary directory, password authentication, stopped and deleted at the end.
+    Skips only where no server binary (initdb, pg_ctl) can be found."""
+    import services
+
+    bindir = services.postgres_bindir()
+    if bindir is None:
+        pytest.skip(
+            "no PostgreSQL server binary (initdb and pg_ctl) in `pg_config --bindir`, on "
+            "PATH or in /usr/lib/postgresql/*/bin: install PostgreSQL's server package "
+            "(Debian: apt-get install postgresql)"
+        )
+    server = services.start_postgres(bindir)
+    yield server
+    server.stop()

@@ -283,15 +283,17 @@ def sample_only(trial: optuna.Trial) -> float:
     return trial.suggest_float("optim.lr", 1e-6, 1e-2, log=True)
 
 
-def test_trial_n_draws_with_seed_plus_n_whichever_worker_runs_it(tmp_path):
-    """Start-up (random) trials: two workers alternating on one study draw exactly what
-    one worker alone draws with the same seed, and never the same values twice."""
+@pytest.mark.parametrize("kind", ["sqlite", "journal"])
+def test_trial_n_draws_with_seed_plus_n_whichever_worker_runs_it(tmp_path, kind):
+    """Start-up (random) trials: two workers alternating on one study (SQLite, or a
+    JournalStorage file) draw exactly what one worker alone draws with the same seed,
+    and never the same values twice."""
     values = ("tune.startup_trials=10", "tune.n_trials=1", "tune.max_trials=6")
     alone = settings(f"tune.storage=sqlite:///{tmp_path}/alone.db", *values)
     study = tuning.open_study(alone)
     for _ in range(6):
         assert tuning.optimize(study, sample_only, alone) == 1
-    shared = settings(f"tune.storage=sqlite:///{tmp_path}/shared.db", *values)
+    shared = settings(f"tune.storage={kind}:///{tmp_path}/shared.{kind}", *values)
     workers = [tuning.open_study(shared), tuning.open_study(shared)]
     for turn in range(6):
         assert tuning.optimize(workers[turn % 2], sample_only, shared) == 1

@@ -32,6 +32,11 @@ class SmallNet(nn.Module):
     def forward(self, x):
         return self.head(torch.relu(self.conv(x.float() / 255)).flatten(1))
 
+    def set_epoch(self, epoch: int) -> None:
+        # Frozen after epoch 1, as airbench_net's stem bias is after 3: DDP must then
+        # stop waiting for its gradient (engine.fit wraps the model anew).
+        self.conv.bias.requires_grad_(epoch <= 1)
+
 
 STEPS_DATA = random_set(n=64, seed=1)
 
@@ -61,6 +66,7 @@ def train_small(world: World) -> dict[str, torch.Tensor]:
 
 
 def train_in_process(rank: int, port: int, out: str) -> None:
+    """torch.multiprocessing.spawn's target: rank ``rank`` of 2 trains, saves to ``out``."""
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
@@ -69,7 +75,6 @@ def train_in_process(rank: int, port: int, out: str) -> None:
         WORLD_SIZE="2",
         LOCAL_WORLD_SIZE="2",
     )
-    """torch.multiprocessing.spawn's target: rank ``rank`` of 2 trains, saves to ``out``."""
     torch.set_num_threads(1)
     world = distributed.from_environment()
     with distributed.process_group(world, timeout_minutes=1):

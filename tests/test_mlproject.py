@@ -191,7 +191,12 @@ def test_empty_parameters_keep_the_configs_values():
     [
         ("train", "epochs", "1.5", "-P epochs='1.5' must be an integer (it sets train.epochs)"),
         ("train", "epochs", "ten", "-P epochs='ten' must be an integer"),
-        ("train", "model", "resnet1000", "-P model='resnet1000' must be one of resnet18_slim,"),
+        (
+            "train",
+            "model",
+            "resnet1000",
+            "-P model='resnet1000' must be one of airbench_net, resnet18_slim,",
+        ),
         ("train", "model", "model=resnet9", "must be one of"),
         ("tune", "n_trials", "2e3", "-P n_trials='2e3' must be an integer (it sets tune.n_trials)"),
         ("finetune", "lr", "fast", "-P lr='fast' must be a number (it sets optim.lr)"),

@@ -358,9 +358,7 @@ def fit(
     extra = checkpoint_extra or {}
     if not world.is_main:
         checkpoint_dir, logger = None, None
-    # The wrappers share their parameters with parts.model, which is what gets saved.
-    train_model = distributed.data_parallel(parts.model, world, device)
-    train_model = torch.compile(train_model) if compile else train_model
+    train_model, trainable = None, None
     while state.epoch < epochs and not state.stopped_early:
         epoch = state.epoch + 1
         lr = parts.optimizer.param_groups[0]["lr"]
@@ -368,6 +366,14 @@ def fit(
         set_epoch = getattr(parts.model, "set_epoch", None)
         if set_epoch is not None:
             set_epoch(epoch)  # e.g. airbench_net's stem bias freezes after a few epochs
+        now_trainable = [p.requires_grad for p in parts.model.parameters()]
+        if now_trainable != trainable:
+            # DDP reduces the gradients of the parameters that wanted one when it was
+            # built; one frozen since would leave it waiting, so a new wrapper. The
+            # wrappers share their parameters with parts.model, which is what gets saved.
+            train_model = distributed.data_parallel(parts.model, world, device)
+            train_model = torch.compile(train_model) if compile else train_model
+            trainable = now_trainable
         result = train_one_epoch(
             train_model,
             train_batches(epoch),

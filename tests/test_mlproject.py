@@ -229,6 +229,19 @@ def test_launch_reports_a_bad_parameter_in_one_line_and_exit_code_2(monkeypatch,
     ]
 
 
+@pytest.mark.parametrize("entry", ["tune", "finetune", "eval_tta", "promote", "report"])
+def test_a_one_process_stage_under_torchrun_is_refused(entry, monkeypatch, capsys):
+    def main():
+        raise AssertionError("the stage must not start")
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(sys, "argv", [f"{entry}.py"])
+    with pytest.raises(SystemExit) as exit_:
+        launch(main, stage_module(entry).PARAMETERS)
+    assert exit_.value.code == 2
+    assert "only train shares its work" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("value", ["0", "-1", "two", "1.5"])
 def test_nproc_must_be_a_positive_integer(value):
     with pytest.raises(ParameterError) as err:

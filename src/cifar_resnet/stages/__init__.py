@@ -192,6 +192,12 @@ def launch(main: Callable[[], None], aliases: dict[str, str]) -> None:
     processes (under ``mlflow run``'s run: rank 0 logs into it); empty or 1 runs here.
     """
     try:
+        if NPROC not in aliases.values() and int(os.environ.get("WORLD_SIZE") or 1) > 1:
+            # Each process would make its own run (tune: its own trials, each read alone).
+            raise ParameterError(
+                "this stage runs in one process; under torchrun only train shares its work "
+                "(several tune workers share a study instead: docs/scaling.md)"
+            )
         nproc, args = processes_wanted(sys.argv[1:], aliases)
         argv = mlproject_argv(args, aliases)
     except ParameterError as err:

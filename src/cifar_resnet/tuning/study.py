@@ -137,6 +137,7 @@ def open_study(settings: TuneSettings) -> optuna.Study:
         )
     except ValueError as err:  # e.g. an existing study with another direction
         raise StudyError(f"study {settings.study_name!r}: {err}") from None
+    # Until optimize's first trial, which takes the sampler of its own number.
     study.sampler = make_sampler(settings, len(study.get_trials(deepcopy=False)))
     optuna.storages.fail_stale_trials(study)  # a killed worker's trial no longer counts
     return study

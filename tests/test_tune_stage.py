@@ -330,3 +330,30 @@ def test_a_worker_stops_after_max_failed_trials(tmp_path):
     study = tuning.open_study(limits)
     assert tuning.optimize(study, diverges, limits) == 2
     assert [t.state for t in study.get_trials()] == [TrialState.FAIL] * 2
+
+
+def test_the_pruner_compares_with_every_workers_trials(tmp_path):
+    """A trial is pruned against the curves of trials another worker ran."""
+    shared = settings(
+        f"tune.storage=sqlite:///{tmp_path}/optuna.db",
+        "tune.n_trials=1",
+        "tune.pruners.median.n_startup_trials=1",
+        "tune.pruners.median.n_warmup_steps=0",
+    )
+
+    def curve(accuracy: float):
+        def objective(trial: optuna.Trial) -> float:
+            sample_only(trial)
+            for epoch in (1, 2, 3):
+                trial.report(accuracy, step=epoch)
+                if trial.should_prune():
+                    raise optuna.TrialPruned()
+            return accuracy
+
+        return objective
+
+    first, second = tuning.open_study(shared), tuning.open_study(shared)
+    assert tuning.optimize(first, curve(0.9), shared) == 1
+    assert tuning.optimize(second, curve(0.1), shared) == 1
+    assert [t.state for t in second.get_trials()] == [TrialState.COMPLETE, TrialState.PRUNED]
+    assert second.get_trials()[1].last_step == 1  # at the first epoch, by the other's curve

@@ -272,6 +272,12 @@ def test_report_prints_and_logs_the_results_table(store):
             ["data.val_size=0", "settings_from_run=nosuchrun"],
             "settings_from_run=nosuchrun: no such MLflow run",
         ),
+        (
+            "train",  # the base's batch size is 32, the chooser's (version 1) was 16
+            ["data.val_size=0", "settings_from_run={v1}"],
+            "chose other settings than these: optim.lr=0.02 there, 0.1 here; "
+            "train.batch_size=16 there, 32 here",
+        ),
     ],
 )
 def test_bad_input_is_one_clear_line_and_changes_nothing(store, stage, extra, message):
@@ -279,7 +285,7 @@ def test_bad_input_is_one_clear_line_and_changes_nothing(store, stage, extra, me
         optuna.create_study(
             study_name="other", storage=f"sqlite:///{store.tmp}/optuna.db", load_if_exists=True
         )
-    extra = [e.format(tmp=store.tmp) for e in extra]
+    extra = [e.format(tmp=store.tmp, v1=store.v1.run_id) for e in extra]
     base = {
         "finetune": tiny_overrides(store.tiny, store.tmp),
         "train": [*tiny_overrides(store.tiny, store.tmp), NO_RECIPE],
@@ -298,10 +304,29 @@ def test_bad_input_is_one_clear_line_and_changes_nothing(store, stage, extra, me
 
 
 @pytest.mark.slow
-def test_a_final_fit_carries_the_val_acc_of_the_run_that_chose_its_settings(store):
-    """data.val_size=0 trains on every image and has no val_acc of its own; with
-    settings_from_run its run and version say whose val_acc they carry."""
-    chooser = store.v1.run_id
+def test_a_final_fit_reads_the_test_set_its_chooser_did_not_and_carries_its_val_acc(store):
+    """The final-fit way of working: a run chooses settings on the validation split
+    without reading the test set (train.test=false); the fit on every image
+    (data.val_size=0) reads it once and carries the chooser's val_acc; each run names
+    the other."""
+    settings = {"train.epochs": 1, "train.batch_size": 16, "data.loader": "tensor"}
+    before = run_ids(store)
+    chose = run_module(
+        "cifar_resnet.stages.train",
+        [*tiny_overrides(store.tiny, store.tmp, **settings, **{"train.test": "false"}), NO_RECIPE],
+        store.env,
+    )
+    assert chose.returncode == 0, chose.stdout[-3000:] + chose.stderr[-3000:]
+    [chooser] = run_ids(store) - before
+    chooser_run = store.client.get_run(chooser)
+    assert "best_val_acc" in chooser_run.data.metrics
+    assert not [k for k in chooser_run.data.metrics if k.startswith("test_")]
+    [chosen_version] = [
+        v for v in store.client.search_model_versions(f"name = '{MODEL}'") if v.run_id == chooser
+    ]
+    assert "test_acc" not in chosen_version.tags
+    assert "test set not read" in chosen_version.description
+
     before = run_ids(store)
     result = run_module(
         "cifar_resnet.stages.train",
@@ -309,13 +334,8 @@ def test_a_final_fit_carries_the_val_acc_of_the_run_that_chose_its_settings(stor
             *tiny_overrides(
                 store.tiny,
                 store.tmp,
-                **{
-                    "train.epochs": 1,
-                    "train.batch_size": 16,
-                    "data.loader": "tensor",
-                    "data.val_size": 0,
-                    "settings_from_run": chooser,
-                },
+                **{**settings, "train.epochs": 2},
+                **{"data.val_size": 0, "settings_from_run": chooser},
             ),
             NO_RECIPE,
         ],
@@ -325,6 +345,8 @@ def test_a_final_fit_carries_the_val_acc_of_the_run_that_chose_its_settings(stor
     [run_id] = run_ids(store) - before
     run = store.client.get_run(run_id)
     assert not [k for k in run.data.metrics if k.startswith(("val_", "best_val"))]
+    assert "test_acc" in run.data.metrics
+    assert store.client.get_run(chooser).data.tags["final_fit_run"] == run_id
     best_val_acc = store.client.get_run(chooser).data.metrics["best_val_acc"]
     expected = {"settings_from_run": chooser, "val_acc": f"{best_val_acc:.4f}"}
     assert {k: run.data.tags.get(k) for k in expected} == expected

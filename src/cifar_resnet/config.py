@@ -100,6 +100,7 @@ class LoopSettings:
     deterministic: bool  # PyTorch's deterministic algorithms (slower on CUDA)
     sync_bn: bool  # under torchrun: SyncBatchNorm (CUDA only) instead of per-process BN
     dist_timeout_minutes: float  # under torchrun: how long a collective waits for a rank
+    test: bool  # read the test set once at the end; false: a run that only chooses settings
     checkpoint_dir: str
     progress: bool
     tta: str

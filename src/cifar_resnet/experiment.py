@@ -125,7 +125,7 @@ def _train_and_register(
     if settings.settings_from_run and world.is_main:  # looked up before any data is read
         extra_tags = {
             **(extra_tags or {}),
-            **tracking.settings_source_tags(str(settings.settings_from_run)),
+            **tracking.settings_source_tags(str(settings.settings_from_run), config),
         }
     requested_precision = settings.train.precision
     settings, device = pipeline.prepare_machine(settings, world)
@@ -217,8 +217,14 @@ def _tracked(
         },
     )
 
-    # The chosen checkpoint is the best on validation; the test set is read once, here.
-    tested, logits = training.test_once(run, checkpoint_dir)
+    if settings.settings_from_run:  # both runs of a final fit name each other
+        tracking.tag_run(str(settings.settings_from_run), {"final_fit_run": run_id})
+    if settings.train.test:
+        # The chosen checkpoint is the best on validation; the test set is read once, here.
+        tested, logits = training.test_once(run, checkpoint_dir)
+    else:  # a run that only chooses settings: its final fit reads the test set
+        training.load_chosen(run, checkpoint_dir)
+        tested, logits = {}, None
     summary = {"epochs_trained": state.epoch, "chosen_epoch": state.best_epoch, **tested}
     has_val = len(splits.val_labels) > 0
     if has_val:
@@ -231,7 +237,7 @@ def _tracked(
         flush=True,
     )
 
-    log_reports(state, splits, logits.argmax(1).numpy())
+    log_reports(state, splits, None if logits is None else logits.argmax(1).numpy())
     tracking.log_files([checkpoint_dir / "best.pt"], "checkpoints")
     weights = save_weights(
         checkpoint_dir / "weights.pt",
@@ -243,7 +249,7 @@ def _tracked(
     model_info = tracking.log_classifier(weights, splits.test_images[:2])
     if settings.registry.register:
         tags = {
-            "test_acc": f"{summary['test_acc']:.4f}",
+            **({"test_acc": f"{summary['test_acc']:.4f}"} if "test_acc" in summary else {}),
             "run_id": run_id,
             "model": settings.model.name,
             "parameters": run.parameters,
@@ -274,11 +280,15 @@ def version_description(
         else "no validation split (last epoch taken), "
     )
     tta = "".join(f", {k} {v:.4f}" for k, v in summary.items() if k.startswith("test_acc_tta"))
+    test = (
+        f"test_acc {summary['test_acc']:.4f}{tta}"
+        if "test_acc" in summary
+        else "test set not read (train.test=false: its final fit reads it)"
+    )
     return (
         f"recipe={settings.recipe} model={settings.model.name} ({parameters:,} parameters), "
         f"{summary['epochs_trained']} epochs, seed {settings.seed}, precision "
-        f"{settings.train.precision}: {val}test_acc {summary['test_acc']:.4f}{tta}. "
-        f"Source run {run_id}."
+        f"{settings.train.precision}: {val}{test}. Source run {run_id}."
     )
 
 
@@ -300,11 +310,16 @@ def run_params(run: training.Training, device: torch.device) -> dict:
 
 
 def log_reports(
-    state: engine.TrainState, splits: data.CifarSplits, predictions: np.ndarray
+    state: engine.TrainState, splits: data.CifarSplits, predictions: np.ndarray | None
 ) -> None:
+    """Learning curves, and with the test ``predictions`` (N int class ids; None when
+    the test set was not read) the confusion matrix, misclassified images and per-class
+    accuracy."""
     names = list(data.CIFAR10_CLASSES)
-    matrix = plots.confusion_matrix(splits.test_labels, predictions, len(names))
     tracking.log_figure(plots.learning_curves(state.history), "plots/learning_curves.png")
+    if predictions is None:
+        return
+    matrix = plots.confusion_matrix(splits.test_labels, predictions, len(names))
     tracking.log_figure(plots.confusion_figure(matrix, names), "plots/confusion_matrix.png")
     tracking.log_figure(
         plots.misclassified_grid(splits.test_images, splits.test_labels, predictions, names),

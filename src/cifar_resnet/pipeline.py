@@ -300,6 +300,12 @@ def run_fit(
     )
 
 
+def load_chosen_checkpoint(parts: engine.TrainingParts, checkpoint_dir: Path) -> None:
+    """Restore ``parts`` from the checkpoint chosen on validation (``best.pt``; the last
+    epoch's without a validation split). Raises FileNotFoundError when there is none."""
+    parts.load_state_dict(engine.load_checkpoint(checkpoint_dir / "best.pt")["parts"])
+
+
 def test_chosen_checkpoint(
     settings: TrainSettings,
     splits: data.CifarSplits,
@@ -310,7 +316,7 @@ def test_chosen_checkpoint(
     """Load the checkpoint chosen on validation and read the test set, once.
 
     Returns the summary metrics and the test logits (for the reports)."""
-    parts.load_state_dict(engine.load_checkpoint(checkpoint_dir / "best.pt")["parts"])
+    load_chosen_checkpoint(parts, checkpoint_dir)
     model = parts.eval_model()
     t = settings.train
     amp = hardware.autocast_dtype(t.precision)

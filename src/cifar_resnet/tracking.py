@@ -99,14 +99,37 @@ def tracking_uri() -> str:
     return mlflow.get_tracking_uri()
 
 
-def settings_source_tags(run_id: str) -> dict[str, str]:
+# What a final fit may change from the run that chose its settings: the split it gives
+# up, the epochs and seed chosen, whether the test set is read, and where and how it
+# runs. Any other difference is a setting validation never saw.
+FINAL_FIT_MAY_CHANGE = (
+    "data.val_size",
+    "train.epochs",
+    "seed",
+    "settings_from_run",
+    "train.test",
+    "train.checkpoint_dir",
+    "train.progress",
+    "train.threads",
+    "train.device",
+    "registry.",
+    "experiment_name",
+    "data.root",
+    "data.download",
+    "data.num_workers",
+)
+
+
+def settings_source_tags(run_id: str, config: dict) -> dict[str, str]:
     """The tags a final fit (no validation split) carries for the run that chose its
     settings on the validation split: ``settings_from_run`` (its id) and ``val_acc``
     (its ``best_val_acc``, 4 decimals), so promote can rank the fit by val_acc while the
-    tag says whose val_acc it is.
+    tag says whose val_acc it is. ``config``: the fit's resolved config, whose settings
+    must be that run's but for ``FINAL_FIT_MAY_CHANGE``.
 
-    Raises ConfigError (one line) for a run this tracking store does not hold, or one
-    without a finite ``best_val_acc`` (a run that never validated)."""
+    Raises ConfigError (one line) for a run this tracking store does not hold, one
+    without a finite ``best_val_acc`` (a run that never validated), or one whose logged
+    settings differ from ``config``'s (naming the keys and both values)."""
     import math
 
     from mlflow.exceptions import MlflowException
@@ -123,7 +146,29 @@ def settings_source_tags(run_id: str) -> dict[str, str]:
             f"settings_from_run={run_id}: that run has no best_val_acc; name "
             "the run that chose these settings on the validation split"
         )
+    chosen = run.data.params
+    differences = [
+        f"{key}={chosen[key]} there, {_param_value(value)} here"
+        for key, value in flatten(config).items()
+        if key in chosen
+        and not key.startswith(FINAL_FIT_MAY_CHANGE)
+        and chosen[key] != _param_value(value)
+    ]
+    if differences:
+        raise ConfigError(
+            f"settings_from_run={run_id} chose other settings than these: "
+            f"{'; '.join(differences)}. A final fit changes only data.val_size, "
+            "train.epochs and seed (and where it runs)"
+        )
     return {"settings_from_run": run_id, "val_acc": f"{value:.4f}"}
+
+
+def tag_run(run_id: str, tags: dict[str, Any]) -> None:
+    """Set ``tags`` on another run than the active one (e.g. link a final fit from the
+    run that chose its settings)."""
+    client = MlflowClient()
+    for key, value in tags.items():
+        client.set_tag(run_id, key, str(value))
 
 
 @contextlib.contextmanager

@@ -124,6 +124,12 @@ def train(
     return training, fit(training, logger=logger, checkpoint_dir=checkpoint_dir)
 
 
+def load_chosen(training: Training, checkpoint_dir: Path) -> None:
+    """Load the checkpoint chosen on validation (``best.pt``) into ``training.parts``
+    without reading the test set: the end of a run with ``train.test: false``."""
+    pipeline.load_chosen_checkpoint(training.parts, checkpoint_dir)
+
+
 def test_once(training: Training, checkpoint_dir: Path) -> tuple[dict[str, float], torch.Tensor]:
     """Load the checkpoint chosen on validation (``best.pt``) into ``training.parts`` and
     read the test split: the only place a training reads it.

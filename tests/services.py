@@ -151,6 +151,23 @@ def start_postgres(bindir: Path) -> Postgres:
     return server
 
 
+def stop_process_group(process: subprocess.Popen, term_seconds: float = 15) -> None:
+    """SIGTERM to the process's group (a server and its workers, started with
+    ``start_new_session=True``), SIGKILL if it lingers past ``term_seconds``."""
+    import signal
+
+    for sig, wait in ((signal.SIGTERM, term_seconds), (signal.SIGKILL, 5)):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            process.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
 def wait_for_http(url: str, process: subprocess.Popen, log: Path, timeout: float = 120) -> None:
     """Poll ``url`` until it answers 200. Raises RuntimeError with the end of ``log``
     when the process exits or ``timeout`` seconds pass first."""

@@ -8,7 +8,6 @@ version; and what cannot work is refused before anything is read."""
 from __future__ import annotations
 
 import signal
-import socket
 import subprocess
 import sys
 
@@ -19,6 +18,7 @@ import torch.multiprocessing as mp
 from ddp_steps import random_set, train_in_process, train_small
 from hydra import compose, initialize_config_dir
 from mlflow.tracking import MlflowClient
+from services import free_port
 from stage_utils import REPO, make_experiment, stage_env, tiny_overrides
 
 from cifar_resnet import data, distributed, engine, pipeline
@@ -138,12 +138,6 @@ def test_the_albumentations_path_shards_with_a_distributed_sampler():
 
 
 # --------------------------------------------------------------------------- DDP = one process
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_two_processes_train_the_weights_one_process_trains(tmp_path, monkeypatch):

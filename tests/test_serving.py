@@ -8,8 +8,6 @@ import functools
 import io
 import json
 import os
-import signal
-import socket
 import struct
 import subprocess
 import sys
@@ -30,6 +28,7 @@ from mlflow.models import Model
 from mlflow.pyfunc import scoring_server
 from mlflow.tracking import MlflowClient
 from PIL import Image
+from services import free_port, stop_process_group
 
 from cifar_resnet import engine, serving, tracking
 from cifar_resnet.models import ImageClassifier, build_model
@@ -648,12 +647,6 @@ def test_every_view_set_answers_what_eval_tta_averaged(weights, torch_model, nam
 # --------------------------------------------------------------------------- served
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def registry(torch_model, weights, tmp_path_factory):
     """A throw-away tracking store holding MODEL_NAME version 1, alias champion."""
@@ -720,22 +713,8 @@ def start_server(model_uri: str, tracking_uri: str, log: Path, extra_env=None):
         except requests.ConnectionError:
             pass
         time.sleep(0.5)
-    stop_server(process)
+    stop_process_group(process)
     pytest.fail(f"the server did not start:\n{log.read_text()[-3000:]}")
-
-
-def stop_server(process: subprocess.Popen) -> None:
-    """SIGTERM to the whole group (mlflow and its uvicorn), SIGKILL if it lingers."""
-    for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
-        try:
-            os.killpg(process.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            process.wait(timeout=wait)
-            return
-        except subprocess.TimeoutExpired:
-            continue
 
 
 @pytest.fixture(scope="module")
@@ -743,7 +722,7 @@ def server(registry, tmp_path_factory):
     log = tmp_path_factory.mktemp("server") / "server.log"
     process, url = start_server(f"models:/{MODEL_NAME}@champion", registry.uri, log, SERVER_LIMITS)
     yield url
-    stop_server(process)
+    stop_process_group(process)
 
 
 def invoke(url: str, body, timeout: float = 60) -> requests.Response:
@@ -954,7 +933,7 @@ def test_a_version_number_serves_too(registry, tmp_path):
             predictions(invoke(url, split_body(files))), registry.pyfunc.predict(frame(files))
         )
     finally:
-        stop_server(process)
+        stop_process_group(process)
 
 
 # --------------------------------------------------------------------------- the logged model, in-process

@@ -7,8 +7,6 @@ PGPASSWORD only, never a URL or a command line."""
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +18,7 @@ import pytest
 import requests
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
-from services import PASSWORD, free_port, wait_for_http
+from services import PASSWORD, free_port, stop_process_group, wait_for_http
 from stage_utils import BIN, REPO, run_module, stage_env, tiny_overrides, write_md5_file
 
 pytestmark = pytest.mark.slow
@@ -35,20 +33,6 @@ def start(args: list[str], env: dict, log: Path) -> subprocess.Popen:
         return subprocess.Popen(
             args, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
         )
-
-
-def stop(process: subprocess.Popen) -> None:
-    """SIGTERM to the process group (a server and its workers), SIGKILL if it lingers."""
-    for sig, wait in ((signal.SIGTERM, 5), (signal.SIGKILL, 5)):
-        try:
-            os.killpg(process.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            process.wait(timeout=wait)
-            return
-        except subprocess.TimeoutExpired:
-            continue
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +67,7 @@ def tracking(postgres, tmp_path_factory):
         wait_for_http(f"{url}/health", process, log)
         yield SimpleNamespace(url=url, artifacts=tmp / "artifacts", client=MlflowClient(url))
     finally:
-        stop(process)
+        stop_process_group(process, 5)
 
 
 def client_env(tmp: Path, postgres, tracking) -> dict[str, str]:
@@ -128,7 +112,7 @@ def study(postgres, tracking, tiny_cifar, tmp_path_factory):
             assert worker.wait(timeout=400) == 0, log.read_text()[-4000:]
     finally:
         for worker in workers:
-            stop(worker)
+            stop_process_group(worker, 5)
     rdb = optuna.storages.RDBStorage(
         storage, engine_kwargs={"connect_args": {"password": PASSWORD}}
     )
@@ -240,7 +224,7 @@ def test_the_project_against_a_tracking_server(study, tracking, postgres, tiny_c
             f"http://127.0.0.1:{port}/invocations", json={"inputs": images}, timeout=60
         )
     finally:
-        stop(server)
+        stop_process_group(server, 5)
     assert answer.status_code == 200, answer.text[-2000:]
     predictions = answer.json()["predictions"]
     assert len(predictions) == 2

@@ -6,9 +6,10 @@ Lookahead, EMA, schedule) and how the parameter groups feed them, in one place.
 Lookahead and the exponential moving average are written here rather than taken
 from torch_optimizer (unmaintained) because each is a dozen lines. Both sit
 *beside* the base optimiser instead of wrapping it, so the LR scheduler and the
-AMP GradScaler keep talking to a plain torch optimiser. Muon is written here too:
-it is one class and one function, and there is no torch release of it for conv
-filters with the weight normalisation that airbench pairs it with.
+AMP GradScaler keep talking to a plain torch optimiser. Muon is written here too,
+one class and one function, although torch.optim.Muon exists since torch 2.9: that
+one runs its iteration in bf16 whatever the run's precision (the Muon docstring says
+what that costs), takes 2-D parameters only, and does not hold filters at a fixed norm.
 """
 
 from __future__ import annotations
@@ -125,6 +126,16 @@ class Muon(torch.optim.Optimizer):
     at the same rate. Those filters are kept at a Frobenius norm of sqrt(out_channels)
     (each filter of norm about 1) before each step, as airbench does; that fixed scale
     takes weight decay's place, so the step size is ``lr`` whatever the loss's scale.
+
+    Why not torch.optim.Muon: it runs Newton-Schulz in bf16, hard-coded, so it cannot
+    follow the resolved precision; where bf16 is emulated that is slow. Measured with
+    scripts/bench_muon.py on whitened_resnet's filters viewed as 2-D (BENCHMARKS.md,
+    2026-12-01, a loaded 2-core AMD EPYC): with PyTorch capped at AVX2 (fp32 resolved)
+    its optimiser step took 2.8-3.5x ours at our 3 steps, 4.6-5.6x at its default 5;
+    with native bf16, 0.94-1.46x at 3 steps and 1.19-1.87x at 5. Accuracy did not
+    decide it: 4 epochs of fast_muon on 10,000 images (one seed) gave 54.8% validation
+    accuracy with ours, 55.2% with torch's plus our norm projection and 3 steps, 56.6%
+    with torch's as it ships (5 steps, no projection, no weight decay).
 
     Groups without ``orthogonal`` take torch.optim.SGD's step (weight decay added to the
     gradient, then momentum, Nesterov if set).

@@ -46,7 +46,7 @@ from torch import nn  # noqa: E402
 
 from cifar_resnet import hardware, pipeline, training  # noqa: E402
 from cifar_resnet.config import train_settings  # noqa: E402
-from cifar_resnet.optim import Muon, build_optimizer, build_scheduler, param_groups  # noqa: E402
+from cifar_resnet.optim import Muon, build_scheduler  # noqa: E402
 from cifar_resnet.stages import CONF_DIR  # noqa: E402
 
 AVX2_CAP = {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
@@ -123,20 +123,10 @@ def compose_settings(overrides: list[str]):
 
 
 def make_optimizer(variant: str, model: nn.Module, settings) -> torch.optim.Optimizer:
+    if settings.optim.name != "muon":
+        raise SystemExit(f"bench_muon needs optim=muon settings, got {settings.optim.name}")
+    ours = pipeline.model_optimizer(settings, model)
     o = settings.optim
-    amp = hardware.autocast_dtype(settings.train.precision)
-    groups = param_groups(model, o.weight_decay, o.norm_lr_scale, o.norm_decay, True)
-    ours = build_optimizer(
-        groups,
-        "muon",
-        lr=o.lr,
-        weight_decay=o.weight_decay,
-        momentum=o.momentum,
-        nesterov=o.nesterov,
-        muon_lr=o.muon_lr,
-        muon_momentum=o.muon_momentum,
-        muon_dtype=amp or torch.float32,
-    )
     if variant == "ours":
         return ours
     ns_steps, adjust, project = TORCH_VARIANTS[variant]

@@ -194,25 +194,14 @@ def configure_backend(device: torch.device, deterministic: bool = False) -> None
         torch.backends.cudnn.allow_tf32 = True
 
 
-def build_parts(
-    settings: TrainSettings,
-    net: nn.Module,
-    splits: data.CifarSplits,
-    steps_per_epoch: int,
-    device: torch.device,
-) -> engine.TrainingParts:
-    amp = hardware.autocast_dtype(settings.train.precision)
-    model = ImageClassifier(net, splits.mean, splits.std).to(device)
-    # A data-dependent init (whitened_resnet's stem) sees unaugmented training images;
-    # airbench fits its whitening on 5,000 of them.
-    model.init_from_images(torch.as_tensor(splits.train_images[:5000]).permute(0, 3, 1, 2))
-    if settings.train.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+def model_optimizer(settings: TrainSettings, model: nn.Module) -> torch.optim.Optimizer:
+    """``settings.optim``'s optimiser over ``model``'s parameter groups (see
+    ``optim.param_groups``); Muon's iteration runs in the resolved precision."""
     o = settings.optim
     groups = param_groups(
         model, o.weight_decay, o.norm_lr_scale, o.norm_decay, orthogonal_filters=o.name == "muon"
     )
-    optimizer = build_optimizer(
+    return build_optimizer(
         groups,
         o.name,
         lr=o.lr,
@@ -222,8 +211,25 @@ def build_parts(
         betas=o.betas,
         muon_lr=o.muon_lr,
         muon_momentum=o.muon_momentum,
-        muon_dtype=amp or torch.float32,
+        muon_dtype=hardware.autocast_dtype(settings.train.precision) or torch.float32,
     )
+
+
+def build_parts(
+    settings: TrainSettings,
+    net: nn.Module,
+    splits: data.CifarSplits,
+    steps_per_epoch: int,
+    device: torch.device,
+) -> engine.TrainingParts:
+    model = ImageClassifier(net, splits.mean, splits.std).to(device)
+    # A data-dependent init (whitened_resnet's stem) sees unaugmented training images;
+    # airbench fits its whitening on 5,000 of them.
+    model.init_from_images(torch.as_tensor(splits.train_images[:5000]).permute(0, 3, 1, 2))
+    if settings.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    o = settings.optim
+    optimizer = model_optimizer(settings, model)
     s = settings.schedule
     total_steps = settings.train.epochs * steps_per_epoch
     scheduler = build_scheduler(

@@ -196,7 +196,9 @@ def test_two_ranks_stopped_and_resumed_make_one_run_and_one_version(tiny_cifar, 
     output = "".join(lines) + first.communicate(timeout=120)[0]
     assert run_id, output[-3000:]
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
-    assert client.get_run(run_id).info.status == "KILLED", output[-3000:]
+    # KILLED as a rule; FAILED if rank 1 went first and rank 0's all-reduce broke before
+    # its own SIGTERM was handled. Either is resumed (only FINISHED is refused).
+    assert client.get_run(run_id).info.status in ("KILLED", "FAILED"), output[-3000:]
     last = engine.load_checkpoint(tmp_path / "checkpoints" / run_id / "last.pt")
     assert last["state"]["epoch"] == 1, "the run got past epoch 1; make epochs longer"
 

@@ -17,7 +17,15 @@ def test_auto_device_prefers_cuda_then_mps_then_cpu(cuda, mps, expected):
 
 
 def test_a_named_device_is_taken_as_given_and_a_bad_one_is_refused():
-    assert hardware.resolve_device("cuda:1", cuda=False) == torch.device("cuda", 1)
+    assert hardware.resolve_device("cuda:1", cuda=True) == torch.device("cuda", 1)
+    # A GPU this machine does not have is the user's to fix: one line, not a traceback.
+    for name, flags in (
+        ("cuda", {"cuda": False}),
+        ("cuda:1", {"cuda": False}),
+        ("mps", {"mps": False}),
+    ):
+        with pytest.raises(hardware.DeviceError, match="sees no"):
+            hardware.resolve_device(name, **flags)
     with pytest.raises(ValueError, match="unknown device 'gpu'"):
         hardware.resolve_device("gpu")
 

@@ -17,6 +17,13 @@ from collections.abc import Callable
 
 import torch
 
+from .errors import UserError
+
+
+class DeviceError(UserError, ValueError):
+    """A device this machine does not have, or a name torch does not know."""
+
+
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 
@@ -38,23 +45,39 @@ def resolve_device(
 ) -> torch.device:
     """``auto`` -> cuda, else mps (Apple silicon), else cpu; any other name as given.
 
-    ``cuda``/``mps`` override what PyTorch reports (for tests). Raises ValueError
-    for a device name torch does not know.
+    ``cuda``/``mps`` override what PyTorch reports (for tests). Raises DeviceError (a
+    UserError and ValueError) for a device name torch does not know, and for cuda or mps
+    on a machine that has none.
     """
     if name != "auto":
-        try:
-            return torch.device(name)
-        except RuntimeError as err:
-            raise ValueError(
-                f"unknown device {name!r}; choose auto, cpu, cuda, cuda:N or mps ({err})"
-            ) from None
+        device = requested_device(name)
+        if device.type == "cuda" and not (torch.cuda.is_available() if cuda is None else cuda):
+            raise DeviceError(f"device {name!r}: PyTorch sees no CUDA GPU here; use auto or cpu")
+        if device.type == "mps" and not (_mps_available() if mps is None else mps):
+            raise DeviceError(f"device {name!r}: PyTorch sees no MPS device here; use auto or cpu")
+        return device
     cuda = torch.cuda.is_available() if cuda is None else cuda
     if cuda:
         return torch.device("cuda")
-    if mps is None:
-        backend = getattr(torch.backends, "mps", None)
-        mps = bool(backend and backend.is_available())
-    return torch.device("mps" if mps else "cpu")
+    return torch.device("mps" if (_mps_available() if mps is None else mps) else "cpu")
+
+
+def requested_device(name: str) -> torch.device:
+    """The device ``name`` asks for, without checking that this machine has it ("auto"
+    is resolved). Raises DeviceError for a name torch does not know."""
+    if name == "auto":
+        return resolve_device(name)
+    try:
+        return torch.device(name)
+    except RuntimeError as err:
+        raise DeviceError(
+            f"unknown device {name!r}; choose auto, cpu, cuda, cuda:N or mps ({err})"
+        ) from None
+
+
+def _mps_available() -> bool:
+    backend = getattr(torch.backends, "mps", None)
+    return bool(backend and backend.is_available())
 
 
 def cpu_bf16_is_native(environ=os.environ) -> bool | None:

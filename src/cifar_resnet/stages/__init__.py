@@ -138,8 +138,9 @@ def resolve_recipe(cfg, compose: Callable[[str], object]):
 
     if cfg.get("recipe") != AUTO_RECIPE:
         return cfg, None
-    device = hardware.resolve_device(str(cfg.train.device))
-    return compose(recipe_for(device)), AUTO_RECIPE
+    # Only the kind of device picks the recipe; whether this machine has it is checked
+    # when training starts (a missing GPU is one line there).
+    return compose(recipe_for(hardware.requested_device(str(cfg.train.device)))), AUTO_RECIPE
 
 
 def task_overrides() -> list[str]:

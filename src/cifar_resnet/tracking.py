@@ -146,7 +146,21 @@ def settings_source_tags(run_id: str, config: dict) -> dict[str, str]:
             f"settings_from_run={run_id}: that run has no best_val_acc; name "
             "the run that chose these settings on the validation split"
         )
-    chosen = run.data.params
+    tags = run.data.tags
+    parent = tags.get("mlflow.parentRunId")
+    if parent is None and "optuna.study_name" in tags:
+        raise ConfigError(
+            f"settings_from_run={run_id} is a tune study's run: its best_val_acc is its best "
+            "trial's; name that trial's run"
+        )
+    chosen = dict(run.data.params)
+    if parent is not None:  # a tune trial logs what it sampled; the rest is its study's
+        chosen = {**MlflowClient().get_run(parent).data.params, **chosen}
+    if "model.name" not in chosen:
+        raise ConfigError(
+            f"settings_from_run={run_id}: that run logged no training settings to compare; "
+            "name a train run or a tune trial's run"
+        )
     differences = [
         f"{key}={chosen[key]} there, {_param_value(value)} here"
         for key, value in flatten(config).items()
@@ -158,7 +172,7 @@ def settings_source_tags(run_id: str, config: dict) -> dict[str, str]:
         raise ConfigError(
             f"settings_from_run={run_id} chose other settings than these: "
             f"{'; '.join(differences)}. A final fit changes only data.val_size, "
-            "train.epochs and seed (and where it runs)"
+            "train.epochs, seed and train.test (and where it runs)"
         )
     return {"settings_from_run": run_id, "val_acc": f"{value:.4f}"}
 

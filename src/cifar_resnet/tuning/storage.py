@@ -5,6 +5,7 @@ workers on a shared file system append to."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -76,15 +77,26 @@ def open_storage(
             return JournalStorage(JournalFileBackend(path))
         except OSError as err:
             raise StudyError(f"cannot open journal {path!r}: {err}") from None
+    from sqlalchemy.exc import IntegrityError
+
     engine_kwargs = {"connect_args": {"timeout": 60}} if backend == "sqlite" else {}
     try:
-        return optuna.storages.RDBStorage(
-            url,
-            engine_kwargs=engine_kwargs,
-            heartbeat_interval=heartbeat_interval,
-            grace_period=grace_period,
-            heartbeat_stale_trial_callback=stale_trial_callback,
-        )
+        for attempt in range(3):
+            try:
+                return optuna.storages.RDBStorage(
+                    url,
+                    engine_kwargs=engine_kwargs,
+                    heartbeat_interval=heartbeat_interval,
+                    grace_period=grace_period,
+                    heartbeat_stale_trial_callback=stale_trial_callback,
+                )
+            except IntegrityError:
+                # Workers started together on an empty database each create Optuna's
+                # tables; PostgreSQL lets one win and the others fail on its catalogue.
+                # Once the tables exist, opening again just uses them.
+                if attempt == 2:
+                    raise
+                time.sleep(1.0 + attempt)
     except (SQLAlchemyError, ImportError, ValueError) as err:
         hint = ""
         if isinstance(err, ImportError) and backend == "postgresql":

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import signal
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -151,8 +152,15 @@ def _train_and_register(
 
     previous_handler = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
+        # A name of our own: MLflow draws its random ones from the stream the seed has
+        # just fixed, so every run with one seed would be called the same.
+        run_name = f"{settings.recipe or 'base'}-{settings.model.name}-seed{settings.seed}"
         with tracking.training_run(
-            settings.experiment_name, resume_run_id, tags=extra_tags, system_metrics=True
+            settings.experiment_name,
+            resume_run_id,
+            run_name=f"{run_name}-{time.strftime('%Y%m%d-%H%M%S')}",
+            tags=extra_tags,
+            system_metrics=True,
         ) as mlflow_run:
             try:
                 return _tracked(

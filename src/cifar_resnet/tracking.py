@@ -23,6 +23,7 @@ import mlflow
 import yaml
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from .config import ConfigError, flatten
 
@@ -55,7 +56,7 @@ def training_run(
     launcher_run = os.environ.get("MLFLOW_RUN_ID")
     if resume_run_id:
         if launcher_run and launcher_run != resume_run_id:
-            MlflowClient().set_tag(launcher_run, "cifar_resnet.resumed_run", resume_run_id)
+            tag_run(launcher_run, {"cifar_resnet.resumed_run": resume_run_id})
             os.environ.pop("MLFLOW_RUN_ID")
         with _killed_on_interrupt(
             mlflow.start_run(run_id=resume_run_id, log_system_metrics=system_metrics)
@@ -98,6 +99,9 @@ def run_status(run_id: str) -> str | None:
 def tracking_uri() -> str:
     return mlflow.get_tracking_uri()
 
+
+# On every tune worker's run and every trial's run: the UI groups a study across workers.
+STUDY_TAG = "optuna.study_name"
 
 # What a final fit may change from the run that chose its settings: the split it gives
 # up, the epochs and seed chosen, whether the test set is read, and where and how it
@@ -147,8 +151,8 @@ def settings_source_tags(run_id: str, config: dict) -> dict[str, str]:
             "the run that chose these settings on the validation split"
         )
     tags = run.data.tags
-    parent = tags.get("mlflow.parentRunId")
-    if parent is None and "optuna.study_name" in tags:
+    parent = tags.get(MLFLOW_PARENT_RUN_ID)
+    if parent is None and STUDY_TAG in tags:
         raise ConfigError(
             f"settings_from_run={run_id} is a tune study's run: its best_val_acc is its best "
             "trial's; name that trial's run"
@@ -181,8 +185,8 @@ def tag_run(run_id: str, tags: dict[str, Any]) -> None:
     """Set ``tags`` on another run than the active one (e.g. link a final fit from the
     run that chose its settings)."""
     client = MlflowClient()
-    for key, value in tags.items():
-        client.set_tag(run_id, key, str(value))
+    for key, value in _tag_values(tags).items():
+        client.set_tag(run_id, key, value)
 
 
 @contextlib.contextmanager
@@ -202,15 +206,13 @@ def log_params(params: dict[str, Any]) -> None:
 
 
 def set_tags(tags: dict[str, Any]) -> None:
-    mlflow.set_tags({k: str(v) for k, v in tags.items()})
+    mlflow.set_tags(_tag_values(tags))
 
 
 def close_killed_run(run_id: str, tags: dict[str, Any]) -> None:
     """Tag and close the run of a process that died, which nobody else will close."""
-    client = MlflowClient()
-    for key, value in tags.items():
-        client.set_tag(run_id, key, str(value))
-    client.set_terminated(run_id, "KILLED")
+    tag_run(run_id, tags)
+    MlflowClient().set_terminated(run_id, "KILLED")
 
 
 class EpochMetricLogger:

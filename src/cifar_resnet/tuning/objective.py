@@ -15,8 +15,7 @@ from .space import Param, with_values
 # Failures that say something about the sampled values, not about the code.
 TRIAL_FAILURES = (engine.NonFiniteLossError, torch.OutOfMemoryError)
 STATE_TAG = "optuna.state"
-# On every worker's tune run and on every trial's run: the UI groups a study across workers.
-STUDY_TAG = "optuna.study_name"
+STUDY_TAG = tracking.STUDY_TAG
 RUN_ID_ATTR = "mlflow_run_id"
 
 

@@ -77,26 +77,15 @@ def open_storage(
             return JournalStorage(JournalFileBackend(path))
         except OSError as err:
             raise StudyError(f"cannot open journal {path!r}: {err}") from None
-    from sqlalchemy.exc import IntegrityError
-
     engine_kwargs = {"connect_args": {"timeout": 60}} if backend == "sqlite" else {}
     try:
-        for attempt in range(3):
-            try:
-                return optuna.storages.RDBStorage(
-                    url,
-                    engine_kwargs=engine_kwargs,
-                    heartbeat_interval=heartbeat_interval,
-                    grace_period=grace_period,
-                    heartbeat_stale_trial_callback=stale_trial_callback,
-                )
-            except IntegrityError:
-                # Workers started together on an empty database each create Optuna's
-                # tables; PostgreSQL lets one win and the others fail on its catalogue.
-                # Once the tables exist, opening again just uses them.
-                if attempt == 2:
-                    raise
-                time.sleep(1.0 + attempt)
+        return _rdb_storage(
+            url,
+            engine_kwargs=engine_kwargs,
+            heartbeat_interval=heartbeat_interval,
+            grace_period=grace_period,
+            heartbeat_stale_trial_callback=stale_trial_callback,
+        )
     except (SQLAlchemyError, ImportError, ValueError) as err:
         hint = ""
         if isinstance(err, ImportError) and backend == "postgresql":
@@ -108,6 +97,22 @@ def open_storage(
         raise StudyError(
             f"cannot open storage {describe_storage(url)}: {type(err).__name__}: {first_line}{hint}"
         ) from None
+
+
+def _rdb_storage(url: str, attempts: int = 3, **kwargs) -> optuna.storages.RDBStorage:
+    """optuna's RDBStorage(url, **kwargs), tried again after an IntegrityError: workers
+    started together on an empty database each create Optuna's tables, PostgreSQL lets
+    one win and fails the others on its catalogue; once the tables exist, opening again
+    just uses them."""
+    from sqlalchemy.exc import IntegrityError
+
+    for attempt in range(1, attempts + 1):
+        try:
+            return optuna.storages.RDBStorage(url, **kwargs)
+        except IntegrityError:
+            if attempt == attempts:
+                raise
+            time.sleep(attempt)
 
 
 def load_study(name: str, storage_url: str) -> optuna.Study:

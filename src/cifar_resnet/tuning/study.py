@@ -151,9 +151,11 @@ def optimize(study: optuna.Study, objective: Objective, settings: TuneSettings) 
     TRIAL_FAILURES is recorded failed; any other exception propagates."""
     counts = state_counts(study)
     counted = len(study.get_trials(deepcopy=False, states=COUNTED))
-    room = [n for n in (settings.n_trials, settings.max_trials) if n is not None]
+    room = []  # trials each cap leaves this worker
+    if settings.n_trials is not None:
+        room.append(settings.n_trials)
     if settings.max_trials is not None:
-        room[-1] -= counted
+        room.append(settings.max_trials - counted)
     where = (
         f"study {study.study_name!r}: {finished_count(study)} finished trials, "
         f"{counts['trials_running']} running"

@@ -160,30 +160,27 @@ class WhitenedNet(nn.Module):
         return self.head(x) * self.logit_scale
 
 
+# airbench94's network as published: plain stages at widths 64/256/256, BN eps 1e-12 and
+# momentum 0.4 (airbench's 0.6), a 3x3 max-pool head, the stem's bias frozen after 3 epochs.
+AIRBENCH94 = dict(
+    widths=(64, 256, 256),
+    residual=False,
+    bn_eps=1e-12,
+    bn_momentum=0.4,
+    head_pool=3,
+    stem_bias_epochs=3,
+)
+# What whitened_resnet changes of it: residual stages, PyTorch's BN eps, a global max-pool
+# head and a stem bias that trains throughout.
+RESIDUAL_CHANGES = dict(residual=True, bn_eps=1e-5, head_pool=0, stem_bias_epochs=None)
+
+
 def airbench_net(num_classes: int = 10, **kwargs) -> WhitenedNet:
-    """airbench94's network as published: plain stages at widths 64/256/256, BN eps
-    1e-12 and momentum 0.4 (airbench's 0.6), a 3x3 max-pool head, and the stem's bias
-    frozen after 3 epochs. ``kwargs`` override any of these (ablations)."""
-    settings = dict(
-        widths=(64, 256, 256),
-        residual=False,
-        bn_eps=1e-12,
-        bn_momentum=0.4,
-        head_pool=3,
-        stem_bias_epochs=3,
-    )
-    return WhitenedNet(num_classes=num_classes, **{**settings, **kwargs})
+    """airbench94's network (``AIRBENCH94``); ``kwargs`` override any of its arguments
+    (ablations)."""
+    return WhitenedNet(num_classes=num_classes, **{**AIRBENCH94, **kwargs})
 
 
 def whitened_resnet(num_classes: int = 10, **kwargs) -> WhitenedNet:
-    """airbench94's network with residual stages, PyTorch's BN eps (1e-5), a global
-    max-pool head and a stem bias that trains throughout. ``kwargs`` override these."""
-    settings = dict(
-        widths=(64, 256, 256),
-        residual=True,
-        bn_eps=1e-5,
-        bn_momentum=0.4,
-        head_pool=0,
-        stem_bias_epochs=None,
-    )
-    return WhitenedNet(num_classes=num_classes, **{**settings, **kwargs})
+    """airbench94's network with ``RESIDUAL_CHANGES``; ``kwargs`` override any argument."""
+    return airbench_net(num_classes, **{**RESIDUAL_CHANGES, **kwargs})

@@ -30,7 +30,7 @@ def test_the_default_recipe_follows_the_device(device, recipe):
     cfg, requested = resolved_train(f"train.device={device}")
     s = train_settings(cfg)
     assert (requested, s.recipe, s.train.device) == ("auto", recipe, device)
-    model = {"fast": "whitened_resnet", "best": "wide_resnet"}[recipe]
+    model = {"fast": "airbench_net", "best": "wide_resnet"}[recipe]
     assert s.model.name == model
 
 

@@ -48,7 +48,7 @@ def test_fast_recipe_wires_whitening_norm_lr_and_lookahead_ramp(tiny_cifar, tmp_
     steps = pipeline.steps_per_epoch(batches)
 
     # The stem was fitted to the training images, not left at its unfitted init.
-    unfitted = build_model("whitened_resnet").stem.weight
+    unfitted = build_model("airbench_net").stem.weight
     assert not torch.allclose(parts.model.net.stem.weight, unfitted)
     # BatchNorm shifts start at 64x the weights' rate (the schedule's first value).
     rates = {len(g["params"]): g["lr"] for g in parts.optimizer.param_groups}

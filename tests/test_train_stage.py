@@ -120,16 +120,18 @@ def test_mlflow_run_train_tracks_and_registers(tiny_cifar, tmp_path):
     from cifar_resnet.models import ImageClassifier, build_model
 
     model = ImageClassifier(build_model("resnet_small"), (0, 0, 0), (1, 1, 1))
-    # The weights the recipe means: the EMA's when it keeps one; else, under Lookahead
-    # (recipe=fast, the default here), the slow weights, with the model's BN statistics.
+    # The weights the recipe means: under Lookahead (recipe=fast, the default here) the
+    # slow copies of the trainable parameters and, as fast averages them too
+    # (optim.lookahead_buffers), of the float buffers (BN statistics, input mean/std).
     parts = checkpoint["parts"]
-    model.load_state_dict(parts["ema"]["module"] if "ema" in parts else parts["model"])
-    if "ema" not in parts and "lookahead" in parts:
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        assert len(trainable) == len(parts["lookahead"]["slow"])
-        with torch.no_grad():
-            for p, slow in zip(trainable, parts["lookahead"]["slow"]):
-                p.copy_(slow)
+    assert "ema" not in parts
+    model.load_state_dict(parts["model"])
+    averaged = [p for p in model.parameters() if p.requires_grad]
+    averaged += [b for b in model.buffers() if b.is_floating_point()]
+    assert len(averaged) == len(parts["lookahead"]["slow"])
+    with torch.no_grad():
+        for tensor, slow in zip(averaged, parts["lookahead"]["slow"]):
+            tensor.copy_(slow)
     expected = engine.predict_logits(model, images, torch.device("cpu")).argmax(1).numpy()
     np.testing.assert_array_equal(predicted_classes(pyfunc.predict(images)), expected)
 

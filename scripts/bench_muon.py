@@ -122,10 +122,12 @@ def compose_settings(overrides: list[str]):
     return settings
 
 
-def make_optimizer(variant: str, model: nn.Module, settings) -> torch.optim.Optimizer:
+def make_optimizer(
+    variant: str, model: nn.Module, settings, steps_per_epoch: int
+) -> torch.optim.Optimizer:
     if settings.optim.name != "muon":
         raise SystemExit(f"bench_muon needs optim=muon settings, got {settings.optim.name}")
-    ours = pipeline.model_optimizer(settings, model)
+    ours = pipeline.model_optimizer(settings, model, steps_per_epoch)
     o = settings.optim
     if variant == "ours":
         return ours
@@ -152,7 +154,8 @@ def step_times(settings, splits, variants: list[str], repeats: int, steps: int) 
         loss = F.cross_entropy(model(x), y, label_smoothing=0.2)
     loss.backward()
     grads = {p: p.grad.clone() for p in model.parameters() if p.grad is not None}
-    optimizers = {v: make_optimizer(v, model, settings) for v in variants}
+    steps_per_epoch = pipeline.steps_per_epoch(run.batches)
+    optimizers = {v: make_optimizer(v, model, settings, steps_per_epoch) for v in variants}
     times = {v: [] for v in variants}
     for r in range(repeats + 1):  # the first round is warm-up
         order = variants[r % len(variants) :] + variants[: r % len(variants)]
@@ -181,13 +184,14 @@ def print_step_table(label: str, settings, medians: dict) -> None:
 
 def train_once(settings, splits, variant: str) -> dict:
     run = training.prepare(settings, splits, torch.device("cpu"))
-    optimizer = make_optimizer(variant, run.parts.model, settings)
+    steps_per_epoch = pipeline.steps_per_epoch(run.batches)
+    optimizer = make_optimizer(variant, run.parts.model, settings, steps_per_epoch)
     s = settings.schedule
     run.parts.optimizer = optimizer
     run.parts.scheduler = build_scheduler(
         optimizer,
         s.name,
-        total_steps=settings.train.epochs * pipeline.steps_per_epoch(run.batches),
+        total_steps=settings.train.epochs * steps_per_epoch,
         pct_start=s.pct_start,
         anneal_strategy=s.anneal_strategy,
         div_factor=s.div_factor,

@@ -241,3 +241,49 @@ def test_muon_groups_from_param_groups():
     # Without marked filters there is nothing for Muon to do: a clear error, not plain SGD.
     with pytest.raises(ValueError, match="orthogonal"):
         build_optimizer(param_groups(model, 1e-3), "muon", lr=0.5, weight_decay=1e-3)
+
+
+def test_separate_groups_leave_the_default_groups_and_come_last():
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, bias=True), torch.nn.BatchNorm2d(4))
+    bias = model[0].bias
+    groups = param_groups(
+        model, 1e-3, 64.0, separate=[{"params": [bias], "lr_scale": 64.0, "anneal_steps": 3}]
+    )
+    assert groups[-1]["params"] == [bias] and groups[-1]["anneal_steps"] == 3
+    assert sum(p is bias for g in groups for p in g["params"]) == 1
+
+
+def _two_groups(schedule, anneal_steps=4):
+    """An optimiser with a plain group at lr 0.5 and one at 4x that anneals, and its
+    schedule (flat start: each group begins at its peak)."""
+    a, b = torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))
+    groups = [{"params": [a]}]
+    if anneal_steps:
+        groups.append({"params": [b], "lr_scale": 4.0, "anneal_steps": anneal_steps})
+    opt = build_optimizer(groups, "sgd", lr=0.5, weight_decay=0.0)
+    return opt, build_scheduler(opt, schedule, total_steps=10, pct_start=0.0, div_factor=1.0)
+
+
+def _lrs(opt, sched, steps):
+    """Each group's lr at each of ``steps`` steps."""
+    seen = []
+    for _ in range(steps):
+        seen.append([g["lr"] for g in opt.param_groups])
+        opt.step()
+        sched.step()
+    return seen
+
+
+@pytest.mark.parametrize("schedule", ["onecycle", "constant"])
+def test_an_annealed_group_falls_linearly_to_zero_while_the_others_follow_the_schedule(schedule):
+    seen = _lrs(*_two_groups(schedule), steps=10)
+    assert [lr for _, lr in seen] == pytest.approx([2.0, 1.5, 1.0, 0.5, 0, 0, 0, 0, 0, 0])
+    # The plain group gets exactly what the schedule alone gives it.
+    alone = _lrs(*_two_groups(schedule, anneal_steps=0), steps=10)
+    assert [lr for lr, _ in seen] == pytest.approx([lr for (lr,) in alone])
+    # A scheduler resumed from a state dict carries on where the first one stopped.
+    first_opt, first = _two_groups(schedule)
+    _lrs(first_opt, first, steps=2)
+    opt, resumed = _two_groups(schedule)
+    resumed.load_state_dict(first.state_dict())
+    assert _lrs(opt, resumed, steps=2)[1] == pytest.approx(seen[3])

@@ -8,7 +8,7 @@ from hydra import compose, initialize_config_dir
 from stage_utils import tiny_overrides
 
 from cifar_resnet import pipeline
-from cifar_resnet.config import train_settings
+from cifar_resnet.config import ConfigError, train_settings
 from cifar_resnet.models import ImageClassifier, build_model
 from cifar_resnet.stages import CONF_DIR
 
@@ -83,6 +83,30 @@ def test_muon_recipe_steps_every_trainable_filter_with_muon(tiny_cifar, tmp_path
     )
     assert all(math.isfinite(m["train_loss"]) for m in state.history)
     assert all(not torch.equal(b, p) for b, p in zip(before, muon_group["params"]))
+
+
+def test_muon_recipe_anneals_the_stem_bias_at_the_norm_rate_until_it_freezes(tiny_cifar, tmp_path):
+    settings = fast_settings(
+        tiny_cifar, tmp_path, "train.epochs=4", "train.batch_size=32", recipe="fast_muon"
+    )
+    splits, batches, parts = build_on_cpu(settings)
+    steps = pipeline.steps_per_epoch(batches)
+    bias = parts.model.net.stem.bias
+    [stem_group] = [g for g in parts.optimizer.param_groups if any(p is bias for p in g["params"])]
+    head_lr = parts.optimizer.param_groups[0]["lr"]
+    assert stem_group["params"] == [bias] and stem_group["anneal_steps"] == 3 * steps
+    assert stem_group["lr"] == pytest.approx(64 * head_lr)
+
+    pipeline.run_fit(settings, splits, parts, batches, CPU, checkpoint_dir=tmp_path / "ckpt")
+    assert stem_group["lr"] == 0.0 and not bias.requires_grad
+    assert bias.abs().sum() > 0  # it trained in the first 3 epochs (it starts at zero)
+
+
+def test_annealing_a_stem_bias_needs_a_net_whose_stem_bias_freezes(tiny_cifar, tmp_path):
+    for extra in (["model=resnet9"], ["+model.kwargs.stem_bias_epochs=null"]):
+        settings = fast_settings(tiny_cifar, tmp_path, "optim.stem_bias_schedule=anneal", *extra)
+        with pytest.raises(ConfigError, match="stem_bias_schedule=anneal"):
+            build_on_cpu(settings)
 
 
 @pytest.mark.parametrize("precision, scaled", [("fp16", True), ("bf16", False), ("fp32", False)])

@@ -72,6 +72,7 @@ class OptimSettings:
     norm_decay: bool  # decay BatchNorm parameters too (at the weights' lr * wd)
     muon_lr: float  # name=muon: the conv filters' step (orthogonalised, scale-free)
     muon_momentum: float
+    stem_bias_schedule: str  # freeze | anneal: how a whitened net's stem bias trains
 
 
 @dataclass(frozen=True)
@@ -344,6 +345,12 @@ def validate(s: TrainSettings) -> None:
     _require(0 < o.lookahead_alpha <= 1, "optim.lookahead_alpha", o.lookahead_alpha, "in (0, 1]")
     _require(o.muon_lr > 0, "optim.muon_lr", o.muon_lr, "> 0")
     _require(0 <= o.muon_momentum < 1, "optim.muon_momentum", o.muon_momentum, "in [0, 1)")
+    _require(
+        o.stem_bias_schedule in ("freeze", "anneal"),
+        "optim.stem_bias_schedule",
+        o.stem_bias_schedule,
+        "'freeze' or 'anneal'",
+    )
     c = s.schedule
     _require(0 <= c.pct_start <= 1, "schedule.pct_start", c.pct_start, "in [0, 1]")
     _require(

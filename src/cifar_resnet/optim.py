@@ -15,7 +15,9 @@ what that costs), takes 2-D parameters only, and does not hold filters at a fixe
 from __future__ import annotations
 
 import copy
+import functools
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -206,6 +208,7 @@ def param_groups(
     norm_lr_scale: float = 1.0,
     norm_decay: bool = False,
     orthogonal_filters: bool = False,
+    separate: Sequence[dict] = (),
 ) -> list[dict]:
     """Three groups: conv and linear weights (decayed), other biases (never decayed:
     decaying them hurts small nets), and normalisation layers' parameters.
@@ -217,11 +220,16 @@ def param_groups(
 
     With ``orthogonal_filters`` the conv filters (4-D weights) leave the first group
     for a fourth, marked ``orthogonal``, for Muon; the linear head stays in the first.
+
+    ``separate``: groups the caller builds (a dict with ``params`` and its own options,
+    e.g. ``lr_scale``, ``weight_decay``, ``anneal_steps``); their parameters leave the
+    groups above, and they come last.
     """
+    taken = {id(p) for group in separate for p in group["params"]}
     weights, biases, norms, filters = [], [], [], []
     for module in model.modules():
         for p in module.parameters(recurse=False):
-            if not p.requires_grad:
+            if not p.requires_grad or id(p) in taken:
                 continue
             if isinstance(module, NORM_LAYERS):
                 norms.append(p)
@@ -238,6 +246,7 @@ def param_groups(
             "weight_decay": weight_decay / norm_lr_scale if norm_decay else 0.0,
         },
         {"params": filters, "weight_decay": 0.0, "orthogonal": True},
+        *separate,
     ]
     return [g for g in groups if g["params"]]
 
@@ -386,6 +395,9 @@ def build_scheduler(
     """Per-batch schedules. ``onecycle`` is OneCycleLR; ``constant`` keeps the lr.
 
     Each group peaks at the lr the optimiser was built with (its scaled lr, Muon's own).
+    A group with ``anneal_steps`` leaves the schedule: its lr falls linearly from that
+    peak at step 0 to zero at step ``anneal_steps`` and stays there (airbench94_muon's
+    whitening bias, Jordan 2024).
     """
     max_lrs = [group["lr"] for group in optimizer.param_groups]
     if name == "onecycle":
@@ -395,7 +407,7 @@ def build_scheduler(
             pct_start = min(max(pct_start, 1.5 / total_steps), 1 - 1.5 / total_steps)
         # Momentum cycling fights Nesterov-SGD's fixed momentum of the seed recipe
         # and does not exist for Adam's betas in the same form: keep it off.
-        return torch.optim.lr_scheduler.OneCycleLR(
+        return _OneCycleLR(
             optimizer,
             max_lr=max_lrs,
             total_steps=total_steps,
@@ -406,5 +418,37 @@ def build_scheduler(
             cycle_momentum=False,
         )
     if name == "constant":
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer,
+            [
+                functools.partial(_anneal, steps=group["anneal_steps"])
+                if group.get("anneal_steps")
+                else _constant
+                for group in optimizer.param_groups
+            ],
+        )
     raise ValueError(f"unknown schedule {name!r}; choose one of: onecycle, constant")
+
+
+def _anneal(step: int, steps: int) -> float:
+    """Linear from 1 at step 0 to 0 at ``steps``, then 0."""
+    return max(0.0, 1.0 - step / steps)
+
+
+def _constant(step: int) -> float:
+    return 1.0
+
+
+class _OneCycleLR(torch.optim.lr_scheduler.OneCycleLR):
+    """OneCycleLR, except that groups with ``anneal_steps`` follow ``_anneal`` from
+    their peak (a subclass, not a second scheduler: OneCycleLR sets every group's lr
+    outright, so two schedulers cannot be chained over it)."""
+
+    def get_lr(self) -> list[float]:
+        lrs = super().get_lr()
+        return [
+            group["max_lr"] * _anneal(self.last_epoch, group["anneal_steps"])
+            if group.get("anneal_steps")
+            else lr
+            for group, lr in zip(self.optimizer.param_groups, lrs)
+        ]

@@ -194,12 +194,19 @@ def configure_backend(device: torch.device, deterministic: bool = False) -> None
         torch.backends.cudnn.allow_tf32 = True
 
 
-def model_optimizer(settings: TrainSettings, model: nn.Module) -> torch.optim.Optimizer:
+def model_optimizer(
+    settings: TrainSettings, model: nn.Module, steps_per_epoch: int
+) -> torch.optim.Optimizer:
     """``settings.optim``'s optimiser over ``model``'s parameter groups (see
     ``optim.param_groups``); Muon's iteration runs in the resolved precision."""
     o = settings.optim
     groups = param_groups(
-        model, o.weight_decay, o.norm_lr_scale, o.norm_decay, orthogonal_filters=o.name == "muon"
+        model,
+        o.weight_decay,
+        o.norm_lr_scale,
+        o.norm_decay,
+        orthogonal_filters=o.name == "muon",
+        separate=stem_bias_groups(settings, model, steps_per_epoch),
     )
     return build_optimizer(
         groups,
@@ -213,6 +220,35 @@ def model_optimizer(settings: TrainSettings, model: nn.Module) -> torch.optim.Op
         muon_momentum=o.muon_momentum,
         muon_dtype=hardware.autocast_dtype(settings.train.precision) or torch.float32,
     )
+
+
+def stem_bias_groups(settings: TrainSettings, model: nn.Module, steps_per_epoch: int) -> list[dict]:
+    """``optim.stem_bias_schedule=anneal``: the whitening stem's bias in a group of its
+    own that trains like the BN parameters (``norm_lr_scale``, ``norm_decay``) and whose
+    rate falls to zero by the step its net freezes it (airbench94_muon, Jordan 2024).
+    ``freeze`` (or a stem bias that never trains): no group, the bias stays with the
+    other biases. ConfigError for a net without a stem bias that freezes."""
+    o = settings.optim
+    if o.stem_bias_schedule == "freeze":
+        return []
+    net = getattr(model, "net", model)
+    stem, epochs = getattr(net, "stem", None), getattr(net, "stem_bias_epochs", None)
+    if getattr(stem, "bias", None) is None or epochs is None:
+        raise ConfigError(
+            "optim.stem_bias_schedule=anneal needs a whitening stem whose bias freezes "
+            f"after model.kwargs.stem_bias_epochs epochs (model=airbench_net); "
+            f"model={settings.model.name} with {settings.model.kwargs} has none"
+        )
+    if epochs == 0:
+        return []
+    return [
+        {
+            "params": [stem.bias],
+            "lr_scale": o.norm_lr_scale,
+            "weight_decay": o.weight_decay / o.norm_lr_scale if o.norm_decay else 0.0,
+            "anneal_steps": epochs * steps_per_epoch,
+        }
+    ]
 
 
 def build_parts(
@@ -229,7 +265,7 @@ def build_parts(
     if settings.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     o = settings.optim
-    optimizer = model_optimizer(settings, model)
+    optimizer = model_optimizer(settings, model, steps_per_epoch)
     s = settings.schedule
     total_steps = settings.train.epochs * steps_per_epoch
     scheduler = build_scheduler(

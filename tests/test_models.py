@@ -320,3 +320,17 @@ def test_unfitted_whitened_resnet_still_trains():
         optimizer.step()
         assert torch.isfinite(loss)
     assert net.stem.bias.abs().max() < 1.0
+
+
+def test_a_two_conv_stage_keeps_the_state_dict_layout_of_earlier_checkpoints():
+    stage = build_model("whitened_resnet").stages[0]
+    bn = ["weight", "bias", "running_mean", "running_var", "num_batches_tracked"]
+    assert sorted(stage.state_dict()) == sorted(
+        ["entry.0.weight", *(f"entry.2.{k}" for k in bn)]
+        + ["residual.0.weight", *(f"residual.1.{k}" for k in bn)]
+    )
+
+
+def test_a_whitened_stage_needs_at_least_two_convs():
+    with pytest.raises(ValueError, match="convs_per_stage"):
+        build_model("airbench_net", convs_per_stage=1)

@@ -20,7 +20,8 @@ ablation moves one at a time (conf/model/*.yaml kwargs).
 - three stages: conv3x3 -> max-pool 2 -> BN -> GELU, then conv3x3 -> BN -> GELU,
   plain (airbench) or as a residual branch. Pooling right after the first conv runs
   everything else at a quarter of the pixels: 0.24 GFLOPs per image at the default
-  widths, 0.37x ResNet-9's.
+  widths, 0.37x ResNet-9's. airbench96 makes the branch two convs deep, conv3x3 ->
+  BN -> GELU -> conv3x3 -> BN, adds the entry and applies the GELU after the sum.
 - BatchNorm with a fixed scale of 1 (only the shift trains): the next conv's
   weights carry the scale anyway, and a high learning rate on the shifts (see
   optim.norm_lr_scale) speeds up training.
@@ -54,11 +55,25 @@ def _batch_norm(channels: int, momentum: float, eps: float) -> nn.BatchNorm2d:
 
 
 class WhitenedStage(nn.Module):
-    """conv3x3 -> max-pool 2 -> BN -> GELU, then GELU(BN(conv3x3(x))), added to x when
-    ``residual``. NCHW in, NCHW out at half the height and width."""
+    """conv3x3 -> max-pool 2 -> BN -> GELU (the entry), then ``branch_convs`` blocks of
+    GELU(BN(conv3x3)) (the branch), whose output is added to the entry's when
+    ``residual``. NCHW in, NCHW out at half the height and width.
+
+    ``act_after_sum`` moves the branch's last GELU after the sum, so a residual stage
+    returns GELU(entry + BN(conv(...))) rather than entry + GELU(BN(conv(...))): the
+    placement airbench96 moved to in its 2024-06-13 update. A plain stage computes the
+    same either way.
+    """
 
     def __init__(
-        self, in_channels: int, out_channels: int, bn_momentum: float, bn_eps: float, residual: bool
+        self,
+        in_channels: int,
+        out_channels: int,
+        bn_momentum: float,
+        bn_eps: float,
+        residual: bool,
+        branch_convs: int = 1,
+        act_after_sum: bool = False,
     ):
         super().__init__()
         self.entry = nn.Sequential(
@@ -67,16 +82,23 @@ class WhitenedStage(nn.Module):
             _batch_norm(out_channels, bn_momentum, bn_eps),
             nn.GELU(),
         )
-        self.residual = nn.Sequential(
-            _conv3x3(out_channels, out_channels),
-            _batch_norm(out_channels, bn_momentum, bn_eps),
-            nn.GELU(),
-        )
+        branch: list[nn.Module] = []
+        for _ in range(branch_convs):
+            branch += [
+                _conv3x3(out_channels, out_channels),
+                _batch_norm(out_channels, bn_momentum, bn_eps),
+                nn.GELU(),
+            ]
+        # The attribute keeps its old name (and the branch its layout when the last GELU
+        # stays inside), so earlier checkpoints' state dicts still load.
+        self.residual = nn.Sequential(*(branch[:-1] if act_after_sum else branch))
+        self.act = nn.GELU() if act_after_sum else nn.Identity()
         self.is_residual = residual
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.entry(x)
-        return x + self.residual(x) if self.is_residual else self.residual(x)
+        branch = self.residual(x)
+        return self.act(x + branch if self.is_residual else branch)
 
 
 class WhitenedNet(nn.Module):
@@ -85,7 +107,12 @@ class WhitenedNet(nn.Module):
 
     ``bn_momentum`` is PyTorch's (airbench's 0.6 is 1 - 0.4); ``head_pool`` is the
     max-pool window over the last 4x4 map, 0 for all of it; ``stem_bias_epochs`` is how
-    many epochs the stem's bias trains (None: all of them).
+    many epochs the stem's bias trains (None: all of them); ``convs_per_stage`` counts
+    the entry conv too (airbench94: 2, airbench96: 3); ``act_after_sum``: see
+    ``WhitenedStage``.
+
+    Raises ValueError for other than 3 widths, a negative ``stem_bias_epochs`` or fewer
+    than 2 ``convs_per_stage``.
     """
 
     def __init__(
@@ -99,12 +126,17 @@ class WhitenedNet(nn.Module):
         num_classes: int = 10,
         patch_size: int = 2,
         logit_scale: float = 1 / 9,
+        convs_per_stage: int = 2,
+        act_after_sum: bool = False,
     ):
         super().__init__()
         if len(widths) != 3:
             raise ValueError(f"a whitened net needs 3 stage widths, got {tuple(widths)}")
         if stem_bias_epochs is not None and stem_bias_epochs < 0:
             raise ValueError(f"stem_bias_epochs must be >= 0 or None, got {stem_bias_epochs}")
+        if convs_per_stage < 2:
+            # One conv would leave the branch empty: a residual stage would just double its entry.
+            raise ValueError(f"convs_per_stage must be >= 2, got {convs_per_stage}")
         self.patch_size = patch_size
         self.stem_bias_epochs = stem_bias_epochs
         stem_width = 2 * 3 * patch_size**2
@@ -121,7 +153,17 @@ class WhitenedNet(nn.Module):
             self.stem.bias.zero_()
         stages, in_channels = [], stem_width
         for width in widths:
-            stages.append(WhitenedStage(in_channels, width, bn_momentum, bn_eps, residual))
+            stages.append(
+                WhitenedStage(
+                    in_channels,
+                    width,
+                    bn_momentum,
+                    bn_eps,
+                    residual,
+                    branch_convs=convs_per_stage - 1,
+                    act_after_sum=act_after_sum,
+                )
+            )
             in_channels = width
         self.stages = nn.Sequential(*stages)
         pool = nn.MaxPool2d(head_pool) if head_pool else nn.AdaptiveMaxPool2d(1)

@@ -195,7 +195,7 @@ def test_empty_parameters_keep_the_configs_values():
             "train",
             "model",
             "resnet1000",
-            "-P model='resnet1000' must be one of airbench_net, resnet18_slim,",
+            "-P model='resnet1000' must be one of airbench96_net, airbench_net,",
         ),
         ("train", "model", "model=resnet9", "must be one of"),
         ("tune", "n_trials", "2e3", "-P n_trials='2e3' must be an integer (it sets tune.n_trials)"),

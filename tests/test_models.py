@@ -220,7 +220,7 @@ def test_resnet_small_memorises_a_tiny_random_batch():
     assert accuracy == 1.0
 
 
-@pytest.mark.parametrize("name", ["whitened_resnet", "airbench_net"])
+@pytest.mark.parametrize("name", ["whitened_resnet", "airbench_net", "airbench96_net"])
 def test_the_whitening_stem_whitens_the_patches_it_was_fitted_on(name):
     # Strongly correlated channels: every channel is the same noise plus a little of its own.
     shared = torch.randn(64, 1, 16, 16)
@@ -334,3 +334,54 @@ def test_a_two_conv_stage_keeps_the_state_dict_layout_of_earlier_checkpoints():
 def test_a_whitened_stage_needs_at_least_two_convs():
     with pytest.raises(ValueError, match="convs_per_stage"):
         build_model("airbench_net", convs_per_stage=1)
+
+
+def test_airbench96_net_has_the_computed_size_and_airbench96s_layers():
+    net = build_model("airbench96_net")
+    # Computed by building it; the widths' comment in models/whitened.py says why 128/256/352.
+    assert count_parameters(net) == 4_844_152 < PARAMETER_BUDGET
+    assert count_flops(net) == 554_350_016
+    convs = [m for m in net.modules() if isinstance(m, nn.Conv2d)]
+    # "The network now contains 10 conv layers": the 2x2 stem and three per stage.
+    assert [c.kernel_size for c in convs] == [(2, 2)] + [(3, 3)] * 9
+    assert not convs[0].weight.requires_grad
+    batch_norms = [m for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert len(batch_norms) == 9
+    assert {(bn.eps, bn.momentum) for bn in batch_norms} == {(1e-12, 0.1)}
+    assert all(not bn.weight.requires_grad and bn.bias.requires_grad for bn in batch_norms)
+    # Convolutions, norms, pools and a linear head: no attention or squeeze-excitation.
+    leaves = {type(m) for m in net.modules() if not list(m.children())}
+    assert leaves == {nn.Conv2d, nn.MaxPool2d, nn.BatchNorm2d, nn.GELU, nn.Flatten, nn.Linear}
+    net.set_epoch(4)  # airbench96 trains the stem's bias for 3 epochs
+    assert count_parameters(net) == 4_844_152 - 24
+
+
+@pytest.mark.parametrize(
+    "kwargs, silent_branch_gives",
+    [
+        ({}, "gelu(entry)"),  # airbench96 as updated: GELU(entry + branch)
+        ({"act_after_sum": False}, "entry"),  # as first published: entry + GELU(branch)
+        ({"residual": False}, "zero"),  # no skip: nothing gets past a silent branch
+    ],
+    ids=["as_updated", "as_first_published", "plain"],
+)
+def test_airbench96_stages_add_their_first_convs_output_to_the_third_convs(
+    kwargs, silent_branch_gives
+):
+    stage = build_model("airbench96_net", **kwargs).stages[0].eval()
+    first, _, third = [m for m in stage.modules() if isinstance(m, nn.Conv2d)]
+    x = torch.randn(2, 24, 16, 16)
+    # In eval mode a fresh BN is the identity (running mean 0, variance 1, shift 0), so
+    # the entry is GELU(max-pool(conv(x))) and a zeroed third conv silences the branch.
+    entry = nn.functional.gelu(nn.functional.max_pool2d(first(x), 2))
+    with torch.no_grad():
+        before = stage(x)
+        third.weight.zero_()
+        after = stage(x)
+    expected = {
+        "gelu(entry)": nn.functional.gelu(entry),
+        "entry": entry,
+        "zero": torch.zeros_like(entry),
+    }[silent_branch_gives]
+    torch.testing.assert_close(after, expected)
+    assert not torch.allclose(before, after, atol=1e-3)  # the third conv counted before

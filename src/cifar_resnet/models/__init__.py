@@ -12,7 +12,7 @@ from torch import nn
 from ..errors import UserError
 from .resnet import resnet18_slim, resnet_small, se_resnet, seed_resnet
 from .resnet9 import resnet9
-from .whitened import airbench_net, whitened_resnet
+from .whitened import airbench96_net, airbench_net, whitened_resnet
 from .wide_resnet import wide_resnet
 
 __all__ = [
@@ -34,6 +34,7 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "resnet9": resnet9,
     "whitened_resnet": whitened_resnet,
     "airbench_net": airbench_net,
+    "airbench96_net": airbench96_net,
 }
 
 

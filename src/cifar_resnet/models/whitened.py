@@ -236,11 +236,12 @@ def whitened_resnet(num_classes: int = 10, **kwargs) -> WhitenedNet:
 # GELU after the sum, BN eps 1e-12 at PyTorch's default momentum (the update dropped
 # airbench's 0.6), the rest as airbench94.
 #
-# Widths: airbench96's 128/512/512 come to 12,717,464 trainable parameters here. Keeping
-# its first stage at 128 (where the pixels, hence most FLOPs, are, and parameters are
-# cheap) and the widths multiples of 32, 128/256/352 is the widest that leaves a few
-# percent under the 5M budget: 4,844,152. The next candidates, 128/256/360 (4,965,216)
-# and 128/288/352 (5,295,832), leave 0.7% or go over; 128/288/320 (4,825,400) is smaller.
+# Widths: airbench96's 128/512/512 come to 12,717,464 trainable parameters here. Its first
+# stage sees the most pixels yet holds only 322,944 parameters at 128, so it keeps that
+# width and the later stages are narrowed. In multiples of 32, 128/256/352 is the widest
+# that leaves a few percent under the 5M budget: 4,844,152. The next candidates,
+# 128/256/360 (4,965,216) and 128/288/352 (5,295,832), leave 0.7% or go over;
+# 128/288/320 (4,825,400) is smaller.
 AIRBENCH96 = dict(
     widths=(128, 256, 352),
     residual=True,

@@ -259,12 +259,12 @@ def test_airbench_net_is_plain_with_airbench_bn_and_a_3x3_head_pool():
     x = torch.randn(2, 24, 32, 32)
     # Plain: the stage's output is its second block's, not that plus the entry's.
     assert torch.equal(stage(x), stage.residual(stage.entry(x)))
-    # The head's 3x3 window over the 4x4 map never sees the last row and column.
-    features = torch.zeros(2, 256, 4, 4)
-    moved = features.clone()
-    moved[:, :, 3, :] = 5.0
-    moved[:, :, :, 3] = 5.0
-    assert torch.equal(net.head(features), net.head(moved))
+    # On 32x32 images the last map is 3x3, so the 3x3 head pool sees all of it: the
+    # same network as a whole-map pool.
+    whole_map = build_model("airbench_net", head_pool=0).eval()
+    whole_map.load_state_dict(net.state_dict())
+    images = torch.randn(2, 3, 32, 32)
+    assert torch.equal(net(images), whole_map(images))
     residual = build_model("airbench_net", residual=True)
     assert not torch.equal(
         residual.stages[0](x), residual.stages[0].residual(residual.stages[0].entry(x))

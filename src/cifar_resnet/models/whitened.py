@@ -30,9 +30,10 @@ widths. The differences are constructor arguments, so an ablation moves one at a
   optim.norm_lr_scale) speeds up training.
 - Each 3x3 conv starts as a partial identity (dirac on its first in_channels
   filters), so early training sees the stem's features passed through.
-- head: max-pool (airbench: a 3x3 window over the 4x4 map, so its last row and
-  column are never seen; the residual net: the whole map), a bias-free linear
-  layer, logits scaled by 1/9 so the softmax starts nearly uniform.
+- head: max-pool over the last map, a bias-free linear layer, logits scaled by 1/9 so
+  the softmax starts nearly uniform. On 32x32 images the unpadded 2x2 stem leaves 31x31
+  and the stages 15, 7 and then 3x3, so airbench's 3x3 window and a whole-map pool
+  (``head_pool=0``) are the same network.
 """
 
 from __future__ import annotations
@@ -109,7 +110,7 @@ class WhitenedNet(nn.Module):
     (N, 3, 32, 32), returns (N, num_classes) logits.
 
     ``bn_momentum`` is PyTorch's (airbench's 0.6 is 1 - 0.4); ``head_pool`` is the
-    max-pool window over the last 4x4 map, 0 for all of it; ``stem_bias_epochs`` is how
+    max-pool window over the last map (3x3 on 32x32 images), 0 for all of it; ``stem_bias_epochs`` is how
     many epochs the stem's bias trains (None: all of them); ``convs_per_stage`` counts
     the entry conv too (airbench94: 2, airbench96: 3); ``act_after_sum``: see
     ``WhitenedStage``.

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from cifar_resnet.optim import (
+    SAM,
     Lookahead,
     ModelEMA,
     Muon,
@@ -287,3 +288,74 @@ def test_an_annealed_group_falls_linearly_to_zero_while_the_others_follow_the_sc
     opt, resumed = _two_groups(schedule)
     resumed.load_state_dict(first.state_dict())
     assert _lrs(opt, resumed, steps=2)[1] == pytest.approx(seen[3])
+
+
+# SAM and ASAM on L(w) = (w1^2 + 4 w2^2) / 2, whose gradient is (w1, 4 w2), by hand.
+CURVATURE = torch.tensor([1.0, 4.0])
+
+
+def _sam_step(w, sam, lr=0.1):
+    """One SAM step with plain SGD; returns the perturbed weights it took the gradient at."""
+    sgd = torch.optim.SGD([w], lr=lr)
+    sgd.zero_grad()
+    (CURVATURE * w**2 / 2).sum().backward()
+    start = w.detach().clone()
+    assert sam.perturb()
+    perturbed = w.detach().clone()
+    sgd.zero_grad()
+    (CURVATURE * w**2 / 2).sum().backward()
+    sam.restore()
+    assert torch.equal(w.detach(), start)  # back at w exactly, before the step
+    sgd.step()
+    return perturbed
+
+
+def test_sam_step_matches_hand_computation():
+    w = torch.nn.Parameter(torch.tensor([1.0, 1.0]))
+    perturbed = _sam_step(w, SAM([w], rho=0.1))
+    # g = (1, 4), ||g|| = sqrt(17): e = 0.1 (1, 4) / sqrt(17)
+    e = [0.1 / math.sqrt(17), 0.4 / math.sqrt(17)]
+    assert perturbed.tolist() == pytest.approx([1 + e[0], 1 + e[1]])
+    # The gradient at w + e is (1 + e1, 4 (1 + e2)); SGD at lr 0.1 steps from w with it.
+    assert w.tolist() == pytest.approx([1 - 0.1 * (1 + e[0]), 1 - 0.4 * (1 + e[1])])
+
+
+def test_asam_step_matches_hand_computation():
+    w = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
+    perturbed = _sam_step(w, SAM([w], rho=0.5, adaptive=True, eta=0.01))
+    # g = (1, -8); T_w = |w| + 0.01 = (1.01, 2.01); T_w g = (1.01, -16.08);
+    # e = 0.5 T_w^2 g / ||T_w g|| = 0.5 (1.01^2, -8 * 2.01^2) / sqrt(1.01^2 + 16.08^2)
+    norm = math.sqrt(1.01**2 + 16.08**2)
+    e = [0.5 * 1.01**2 / norm, 0.5 * -8 * 2.01**2 / norm]
+    assert perturbed.tolist() == pytest.approx([1 + e[0], -2 + e[1]])
+    assert w.tolist() == pytest.approx([1 - 0.1 * (1 + e[0]), -2 - 0.4 * (-2 + e[1])])
+
+
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_sam_moves_nothing_for_a_zero_gradient_or_a_parameter_without_one(adaptive):
+    w = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
+    unused = torch.nn.Parameter(torch.tensor([3.0]))
+    sam = SAM([w, unused], rho=0.05, adaptive=adaptive)
+    w.grad = torch.zeros(2)
+    assert sam.perturb()
+    assert w.tolist() == [1.0, -2.0] and unused.tolist() == [3.0] and unused.grad is None
+    sam.restore()
+    assert w.tolist() == [1.0, -2.0]
+
+
+def test_sam_leaves_non_finite_gradients_unperturbed_when_asked_to_check():
+    w = torch.nn.Parameter(torch.tensor([1.0, 2.0]))
+    sam = SAM([w], rho=0.05)
+    w.grad = torch.tensor([float("inf"), 1.0])
+    assert sam.perturb(grad_scale=1024.0, check_finite=True) is False
+    assert w.tolist() == [1.0, 2.0]
+    # The scale of a GradScaler is divided out: scaled gradients give the same e.
+    w.grad = torch.tensor([3.0, 4.0]) * 1024.0
+    assert sam.perturb(grad_scale=1024.0, check_finite=True)
+    assert w.tolist() == pytest.approx([1.0 + 0.05 * 0.6, 2.0 + 0.05 * 0.8])
+
+
+@pytest.mark.parametrize("rho, eta", [(0.0, 0.01), (-0.05, 0.01), (float("nan"), 0.01), (0.05, -1)])
+def test_sam_refuses_a_radius_not_above_zero_or_a_negative_eta(rho, eta):
+    with pytest.raises(ValueError, match="SAM needs rho > 0 and eta >= 0"):
+        SAM([torch.nn.Parameter(torch.zeros(1))], rho=rho, eta=eta)

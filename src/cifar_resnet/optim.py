@@ -1,7 +1,7 @@
 """Optimisers, weight averaging and learning-rate schedules.
 
 Over 300 lines on purpose: every stateful piece the loop steps (optimiser, Muon,
-Lookahead, EMA, schedule) and how the parameter groups feed them, in one place.
+Lookahead, EMA, SAM, schedule) and how the parameter groups feed them, in one place.
 
 Lookahead and the exponential moving average are written here rather than taken
 from torch_optimizer (unmaintained) because each is a dozen lines. Both sit
@@ -10,6 +10,9 @@ AMP GradScaler keep talking to a plain torch optimiser. Muon is written here too
 one class and one function, although torch.optim.Muon exists since torch 2.9: that
 one runs its iteration in bf16 whatever the run's precision (the Muon docstring says
 what that costs), takes 2-D parameters only, and does not hold filters at a fixed norm.
+SAM too, beside the base optimiser like Lookahead, because PyPI has no maintained one
+(sam-pytorch: one 0.0.1 release, 2021) and the usual code wraps the base optimiser
+in a closure-driven step that the GradScaler cannot unscale or skip.
 """
 
 from __future__ import annotations
@@ -331,6 +334,94 @@ class Lookahead:
         for s, saved in zip(self.slow, state["slow"]):
             s.copy_(saved)
         self.fast_steps = state["fast_steps"]
+
+
+class SAM:
+    """Sharpness-aware minimisation beside a base optimiser: the gradient the base
+    optimiser steps with is taken at w + e(w), the worst point within radius ``rho``
+    to first order, instead of at w.
+
+    SAM (Foret et al., 2021, arXiv 2010.01412): e = rho * g / ||g||_2, one norm over
+    all the parameters. ASAM (``adaptive``; Kwon et al., 2021, arXiv 2102.11600):
+    e = rho * T_w^2 g / ||T_w g||_2 with T_w = |w| + ``eta`` elementwise, so the radius
+    is relative to each weight's size and rescaling a layer does not change the step;
+    it wants a larger ``rho`` (the authors use 0.5 on CIFAR-10 where SAM uses 0.05).
+    Unlike the authors' code, which leaves biases unscaled (T = 1), every parameter
+    takes |w| + eta here.
+
+    Per batch: backward at w, ``perturb()``, forward and backward again at w + e,
+    ``restore()``, then the base optimiser's step (engine.train_one_epoch does this).
+    Parameters without a gradient (frozen, or unused this batch) are left where they
+    are. Any float dtype and device; the norm is accumulated in float32. Nothing is
+    kept from one batch to the next, so there is no state to checkpoint.
+
+    Raises ValueError for ``rho`` <= 0 or ``eta`` < 0.
+    """
+
+    def __init__(self, params, rho: float, adaptive: bool = False, eta: float = 0.01):
+        if not rho > 0 or not eta >= 0:
+            raise ValueError(f"SAM needs rho > 0 and eta >= 0, got rho={rho}, eta={eta}")
+        self.params = [p for p in params if p.requires_grad]
+        self.rho, self.adaptive, self.eta = rho, adaptive, eta
+        # Between perturb() and restore(): the parameters moved and their weights at w.
+        self._moved: list[torch.Tensor] | None = None
+        self._saved: list[torch.Tensor] = []
+
+    @torch.no_grad()
+    def perturb(self, grad_scale: float = 1.0, check_finite: bool = False) -> bool:
+        """Move every parameter that has a gradient from w to w + e(w).
+
+        ``grad_scale``: the factor the gradients carry (the GradScaler's scale in fp16);
+        it is divided out before the norm. ``check_finite``: first look whether the
+        norm is finite (one wait for the device); where it is not (an fp16 step whose
+        scale overflowed) nothing moves and the result is False, so the caller can
+        leave the step to the GradScaler to skip. Otherwise returns True. A zero
+        gradient moves nothing (no division by zero). Raises RuntimeError when the
+        weights are already perturbed.
+        """
+        if self._moved is not None:
+            raise RuntimeError("SAM.perturb() twice without restore()")
+        params = [p for p in self.params if p.grad is not None]
+        if not params:
+            self._moved, self._saved = [], []
+            return True
+        # Unscaled copies, which then become e in place: T_w g (adaptive) or g.
+        ascent = torch._foreach_div([p.grad for p in params], grad_scale)
+        if self.adaptive:
+            t_w = torch._foreach_abs(params)
+            torch._foreach_add_(t_w, self.eta)
+            torch._foreach_mul_(ascent, t_w)
+        norm = torch.linalg.vector_norm(
+            torch.stack([n.float() for n in torch._foreach_norm(ascent)])
+        )
+        if check_finite and not torch.isfinite(norm):
+            return False
+        if self.adaptive:
+            torch._foreach_mul_(ascent, t_w)  # T_w^2 g
+        # The tiny floor keeps a zero gradient at e = 0 instead of 0 / 0.
+        torch._foreach_mul_(ascent, self.rho / (norm + 1e-12))
+        self._saved = [p.detach().clone() for p in params]
+        self._moved = params
+        torch._foreach_add_(params, ascent)
+        return True
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Put back the weights ``perturb()`` moved, exactly (copied, not w + e - e).
+        Raises RuntimeError when nothing is perturbed."""
+        if self._moved is None:
+            raise RuntimeError("SAM.restore() without perturb()")
+        if self._moved:
+            torch._foreach_copy_(self._moved, self._saved)
+        self._moved, self._saved = None, []
+
+    def state_dict(self) -> dict:
+        """Empty: the perturbation is undone within each step, so a checkpoint (written
+        between steps) has nothing of SAM's to keep."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
 
 
 class ModelEMA:

@@ -1,4 +1,5 @@
-"""engine: which weights are evaluated, what a checkpoint holds and how it loads."""
+"""engine: which weights are evaluated, what a checkpoint holds and how it loads, and
+how a step with SAM composes with BatchNorm, the GradScaler and resume."""
 
 import random
 
@@ -9,7 +10,7 @@ from torch import nn
 
 from cifar_resnet import engine
 from cifar_resnet.models import ImageClassifier, build_model
-from cifar_resnet.optim import Lookahead, ModelEMA
+from cifar_resnet.optim import SAM, Lookahead, ModelEMA, build_scheduler
 
 
 def parts_with(lookahead: bool, ema: bool) -> engine.TrainingParts:
@@ -190,3 +191,153 @@ def test_patience_stops_after_that_many_epochs_without_a_better_val_acc():
         channels_last=False,
     )
     assert (state.epoch, state.best_epoch, state.stopped_early) == (3, 1, True)
+
+
+# --------------------------------------------------------------------------- SAM
+
+CPU = torch.device("cpu")
+
+
+def linear_bn() -> nn.Module:
+    """Four features to three logits through a BatchNorm, whose statistics follow the weights."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
+
+
+def feature_batches(count: int = 1):
+    generator = torch.Generator().manual_seed(1)
+    return [
+        (torch.randn(16, 4, generator=generator), torch.randint(0, 3, (16,), generator=generator))
+        for _ in range(count)
+    ]
+
+
+def one_epoch(model, batches, *, sam, scaler=None, amp_dtype=None, grad_clip=0.0):
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    return engine.train_one_epoch(
+        model,
+        batches,
+        optimizer,
+        scheduler,
+        CPU,
+        amp_dtype=amp_dtype,
+        scaler=scaler,
+        sam=sam,
+        grad_clip=grad_clip,
+        channels_last=False,
+    )
+
+
+def test_sam_updates_batchnorm_running_statistics_once_a_batch():
+    model = linear_bn()
+    [(x, y)] = feature_batches()
+    with torch.no_grad():
+        features = model[0](x)  # what the BatchNorm sees at w, in the first pass
+    # From the initial statistics (0, 1) at PyTorch's momentum of 0.1, once.
+    expected_mean, expected_var = 0.1 * features.mean(0), 0.9 + 0.1 * features.var(0)
+    one_epoch(model, [(x, y)], sam=SAM(model.parameters(), rho=0.5))
+    bn = model[1]
+    assert bn.num_batches_tracked.item() == 1 and bn.track_running_stats
+    torch.testing.assert_close(bn.running_mean, expected_mean)
+    torch.testing.assert_close(bn.running_var, expected_var)
+
+
+def test_sam_under_a_grad_scaler_steps_as_unscaled_fp16_and_clips_the_second_gradient():
+    batches = feature_batches()
+    steps = []
+    for scaler in (None, torch.amp.GradScaler("cpu", init_scale=2.0**12)):
+        model = linear_bn()
+        before = torch.cat([p.detach().flatten() for p in model.parameters()])
+        sam = SAM(model.parameters(), rho=0.5)
+        one_epoch(model, batches, sam=sam, scaler=scaler, amp_dtype=torch.float16, grad_clip=0.1)
+        steps.append(torch.cat([p.detach().flatten() for p in model.parameters()]) - before)
+    torch.testing.assert_close(steps[1], steps[0])
+    # One SGD step of lr 0.5 with the gradient at w + e clipped to norm 0.1 (it is larger).
+    assert steps[0].norm().item() == pytest.approx(0.5 * 0.1, rel=1e-3)
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before")
+def test_an_fp16_step_whose_gradients_overflow_is_skipped_and_nothing_perturbed():
+    model = linear_bn()
+    before = [p.detach().clone() for p in model.parameters()]
+    forwards = []
+    model.register_forward_hook(lambda *_: forwards.append(1))
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**120)  # fp16 gradients overflow
+    sam = SAM(model.parameters(), rho=0.5)
+    one_epoch(model, feature_batches(), sam=sam, scaler=scaler, amp_dtype=torch.float16)
+    assert len(forwards) == 1  # no second pass at a perturbation made of inf
+    assert all(torch.equal(b, p) for b, p in zip(before, model.parameters()))
+    assert scaler.get_scale() == 2.0**119  # lowered, as GradScaler does without SAM
+
+
+class Interrupted(Exception):
+    pass
+
+
+class StopAfter:
+    """An EpochLogger that stops the run when told of ``epoch``: its checkpoint is written."""
+
+    def __init__(self, epoch: int):
+        self.epoch = epoch
+
+    def log_epoch(self, epoch, metrics):
+        if epoch == self.epoch:
+            raise Interrupted
+
+
+def parts_for_resume(adaptive: bool | None) -> engine.TrainingParts:
+    """A small conv net with Lookahead (k=3: a pull inside each 2-step epoch's reach), an
+    EMA, a one-cycle schedule over 2 epochs, and SAM (``adaptive`` None: without)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 4, 3, stride=2),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(4, 10),
+    )
+    model = ImageClassifier(net, (0.5,) * 3, (0.25,) * 3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9, nesterov=True)
+    return engine.TrainingParts(
+        model,
+        optimizer,
+        build_scheduler(optimizer, "onecycle", total_steps=4),
+        lookahead=Lookahead(model.parameters(), k=3, alpha=0.5),
+        ema=ModelEMA(model, 0.9),
+        sam=None if adaptive is None else SAM(model.parameters(), 0.05, adaptive=adaptive),
+    )
+
+
+def fit_two_epochs(parts, **kwargs):
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (16, 3, 8, 8), dtype=torch.uint8, generator=generator)
+    labels = torch.randint(0, 10, (16,), generator=generator)
+    batches = [(images[:8], labels[:8]), (images[8:], labels[8:])]
+    empty = np.zeros((0, 8, 8, 3), np.uint8), np.zeros(0, np.int64)
+    return engine.fit(
+        parts,
+        lambda epoch: batches,
+        *empty,
+        CPU,
+        epochs=2,
+        progress=False,
+        channels_last=False,
+        **kwargs,
+    )
+
+
+@pytest.mark.parametrize("adaptive", [None, False, True], ids=["no-sam", "sam", "asam"])
+def test_a_run_resumed_after_epoch_1_equals_the_uninterrupted_one(tmp_path, adaptive):
+    whole = parts_for_resume(adaptive)
+    fit_two_epochs(whole)
+    with pytest.raises(Interrupted):
+        fit_two_epochs(parts_for_resume(adaptive), checkpoint_dir=tmp_path, logger=StopAfter(1))
+    resumed = parts_for_resume(adaptive)
+    state = engine.restore(resumed, engine.load_checkpoint(tmp_path / "last.pt"))
+    assert state.epoch == 1
+    fit_two_epochs(resumed, state=state)
+    for mine, theirs in ((whole.model, resumed.model), (whole.ema.module, resumed.ema.module)):
+        for (key, tensor), other in zip(mine.state_dict().items(), theirs.state_dict().values()):
+            assert torch.equal(tensor, other), key

@@ -28,7 +28,7 @@ from torch import nn
 from tqdm import tqdm
 
 from . import distributed
-from .optim import Lookahead, ModelEMA
+from .optim import SAM, Lookahead, ModelEMA
 
 
 class NonFiniteLossError(RuntimeError):
@@ -125,12 +125,18 @@ def train_one_epoch(
     scaler: torch.amp.GradScaler | None = None,
     lookahead: Lookahead | None = None,
     ema: ModelEMA | None = None,
+    sam: SAM | None = None,
     grad_clip: float = 0.0,
     channels_last: bool = True,
     progress: str | None = None,
     world: distributed.World = distributed.SINGLE,
 ) -> EpochResult:
     """One pass over ``batches`` of (uint8 NCHW images, labels); returns mean loss and accuracy.
+
+    With ``sam``, each batch is a forward and backward pass at the weights w and one
+    at w + e(w) (``_sam_gradient``); the base optimiser steps from w with the second
+    gradient, clipped to ``grad_clip``, and the schedule, Lookahead and the EMA advance
+    once a batch as without it. Loss and accuracy are the first pass's.
 
     Under torchrun (``world``), ``model`` is the DistributedDataParallel wrapper and
     ``batches`` this process's share; loss, accuracy and images are summed over all
@@ -150,25 +156,21 @@ def train_one_epoch(
         dynamic_ncols=True,
         disable=progress is None,
     )
+
+    def forward(images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with autocast(device, amp_dtype):
+            logits = model(images)
+            return logits, F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
+
     for images, labels in batches:
         images = images.to(device, non_blocking=True).contiguous(memory_format=memory_format)
         labels = labels.to(device, non_blocking=True)
-        with autocast(device, amp_dtype):
-            logits = model(images)
-            loss = F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
+        logits, loss = forward(images, labels)
         optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            if grad_clip > 0:
-                scaler.unscale_(optimizer)
-                nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            if grad_clip > 0:
-                nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-            optimizer.step()
+        _backward(loss, scaler)
+        if sam is not None:
+            _sam_gradient(model, sam, optimizer, scaler, forward, images, labels)
+        _optimizer_step(model, optimizer, scaler, grad_clip)
         scheduler.step()
         if lookahead is not None:
             lookahead.step()
@@ -190,6 +192,86 @@ def train_one_epoch(
     if not math.isfinite(loss_value):
         raise NonFiniteLossError(f"training loss is {loss_value}; lower the learning rate")
     return EpochResult(loss_value, float(correct) / max(seen, 1), int(seen), seconds)
+
+
+def _backward(loss: torch.Tensor, scaler: torch.amp.GradScaler | None) -> None:
+    (loss if scaler is None else scaler.scale(loss)).backward()
+
+
+def _optimizer_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler | None,
+    grad_clip: float,
+) -> None:
+    """The base optimiser's step on the gradients in place, their norm clipped to
+    ``grad_clip`` (0 = off). Under a GradScaler they are unscaled first, and a step
+    whose gradients hold inf or NaN is skipped and the scale lowered."""
+    if scaler is not None:
+        if grad_clip > 0:
+            scaler.unscale_(optimizer)
+            nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        if grad_clip > 0:
+            nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        optimizer.step()
+
+
+def _sam_gradient(
+    model: nn.Module,
+    sam: SAM,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler | None,
+    forward: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+    images: torch.Tensor,
+    labels: torch.Tensor,
+) -> None:
+    """SAM's second pass: replace the gradients at w (from the first backward) by those
+    at w + e(w), and put w back, so that the base optimiser steps from w with them.
+
+    Under a GradScaler (fp16) the first gradients are unscaled for the norm; where they
+    hold inf or NaN nothing moves and they stay, so that the scaler's step skips the
+    batch and lowers the scale, as it would without SAM. Reading the scale and checking
+    the norm wait for the device, so only fp16 does it: its scaler.step waits anyway.
+    """
+    fp16 = scaler is not None
+    if not sam.perturb(scaler.get_scale() if fp16 else 1.0, check_finite=fp16):
+        return
+    try:
+        with _running_statistics_kept(model):
+            _, loss = forward(images, labels)
+        optimizer.zero_grad(set_to_none=True)
+        _backward(loss, scaler)
+    finally:  # whatever happens, the model is never left at w + e
+        sam.restore()
+
+
+@contextlib.contextmanager
+def _running_statistics_kept(model: nn.Module):
+    """BatchNorm layers normalise with the batch's statistics but leave their running
+    statistics and their batch count alone.
+
+    SAM's second pass sees the batch again at w + e, weights the model never keeps;
+    counting it would update the running statistics twice a batch, toward those weights
+    (davda54/sam sets the momentum to 0 for the same reason). track_running_stats=False
+    rather than momentum 0: the latter still counts the batch in num_batches_tracked,
+    which a cumulative average (momentum=None) divides by. Under torch.compile the flip
+    costs one more graph, compiled once.
+    """
+    layers = [
+        m
+        for m in model.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats
+    ]
+    for layer in layers:
+        layer.track_running_stats = False
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.track_running_stats = True
 
 
 def _num_images(batches) -> int | None:
@@ -279,6 +361,7 @@ class TrainingParts:
     scaler: torch.amp.GradScaler | None = None
     lookahead: Lookahead | None = None
     ema: ModelEMA | None = None
+    sam: SAM | None = None  # keeps nothing between steps: its state dict is empty
 
     def eval_model(self) -> nn.Module:
         """The weights the recipe means: the EMA's when it keeps one, else Lookahead's
@@ -385,6 +468,7 @@ def fit(
             scaler=parts.scaler,
             lookahead=parts.lookahead,
             ema=parts.ema,
+            sam=parts.sam,
             grad_clip=grad_clip,
             channels_last=channels_last,
             progress=desc if world.is_main else None,

@@ -213,6 +213,8 @@ def typed(entry: str, *overrides: str):
         ("train", "train.ema_decay=1", "train.ema_decay must be in [0, 1) (0 = off), got 1.0"),
         ("train", "optim.weight_decay=-1e-4", "optim.weight_decay must be >= 0, got -0.0001"),
         ("train", "optim.momentum=2", "optim.momentum must be in [0, 1], got 2.0"),
+        ("train", "optim.sam_rho=-0.05", "optim.sam_rho must be >= 0 (0 = off), got -0.05"),
+        ("train", "optim.sam_adaptive=1", "optim.sam_adaptive must be true or false, got 1"),
         ("train", "data.num_workers=-1", "data.num_workers must be >= 0, got -1"),
         ("tune", "tune.n_trials=1.5", "tune.n_trials must be an integer or null, got 1.5"),
         ("tune", "tune.max_trials=0", "tune.max_trials must be >= 1 or null, got 0"),
@@ -315,3 +317,12 @@ def test_defaults_live_in_the_yaml_only():
 def test_every_option_composes_to_complete_settings(override):
     s = train_settings(compose_train(override))  # a missing key would be a ConfigError
     assert s.optim.betas == (0.9, 0.999) and s.optim.muon_lr == 0.24
+    assert (s.optim.sam_rho, s.optim.sam_adaptive) == (0.0, False)  # SAM is off unless asked
+
+
+@pytest.mark.parametrize("optim", ["sgd", "muon", "adamw"])
+def test_sam_settings_compose_with_every_optimiser(optim):
+    s = train_settings(
+        compose_train(f"optim={optim}", "optim.sam_rho=0.5", "optim.sam_adaptive=true")
+    )
+    assert (s.optim.name, s.optim.sam_rho, s.optim.sam_adaptive) == (optim, 0.5, True)

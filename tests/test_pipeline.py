@@ -10,6 +10,7 @@ from stage_utils import tiny_overrides
 from cifar_resnet import pipeline
 from cifar_resnet.config import ConfigError, train_settings
 from cifar_resnet.models import ImageClassifier, build_model
+from cifar_resnet.optim import SAM
 from cifar_resnet.stages import CONF_DIR
 
 CPU = torch.device("cpu")
@@ -107,6 +108,33 @@ def test_annealing_a_stem_bias_needs_a_net_whose_stem_bias_freezes(tiny_cifar, t
         settings = fast_settings(tiny_cifar, tmp_path, "optim.stem_bias_schedule=anneal", *extra)
         with pytest.raises(ConfigError, match="stem_bias_schedule=anneal"):
             build_on_cpu(settings)
+
+
+def test_asam_from_the_config_trains_beside_lookahead_and_the_ema(tiny_cifar, tmp_path):
+    settings = fast_settings(
+        tiny_cifar,
+        tmp_path,
+        "optim.sam_rho=0.5",
+        "optim.sam_adaptive=true",
+        "train.ema_decay=0.9",
+        "train.epochs=1",
+        "train.batch_size=64",  # 2 steps
+        "optim.lookahead_k=2",  # a pull within the run: the slow weights it ends on have moved
+    )
+    splits, batches, parts = build_on_cpu(settings)
+    assert isinstance(parts.sam, SAM) and (parts.sam.rho, parts.sam.adaptive) == (0.5, True)
+    steps = pipeline.steps_per_epoch(batches)
+    before = [p.detach().clone() for p in parts.model.parameters()]
+
+    state = pipeline.run_fit(settings, splits, parts, batches, CPU, checkpoint_dir=tmp_path / "c")
+    assert math.isfinite(state.history[0]["train_loss"])
+    assert any(not torch.equal(b, p) for b, p in zip(before, parts.model.parameters()))
+    assert parts.lookahead.fast_steps == steps and parts.ema.updates == steps  # once a batch
+
+
+def test_sam_is_built_only_when_its_radius_is_positive(tiny_cifar, tmp_path):
+    _, _, parts = build_on_cpu(fast_settings(tiny_cifar, tmp_path, "train.epochs=1"))
+    assert parts.sam is None
 
 
 @pytest.mark.parametrize("precision, scaled", [("fp16", True), ("bf16", False), ("fp32", False)])

@@ -73,6 +73,8 @@ class OptimSettings:
     muon_lr: float  # name=muon: the conv filters' step (orthogonalised, scale-free)
     muon_momentum: float
     stem_bias_schedule: str  # freeze | anneal: how a whitened net's stem bias trains
+    sam_rho: float  # SAM's radius: each step's gradient is taken at w + e(w); 0 = off
+    sam_adaptive: bool  # ASAM: the radius is relative to each weight's size
 
 
 @dataclass(frozen=True)
@@ -345,6 +347,7 @@ def validate(s: TrainSettings) -> None:
     _require(0 < o.lookahead_alpha <= 1, "optim.lookahead_alpha", o.lookahead_alpha, "in (0, 1]")
     _require(o.muon_lr > 0, "optim.muon_lr", o.muon_lr, "> 0")
     _require(0 <= o.muon_momentum < 1, "optim.muon_momentum", o.muon_momentum, "in [0, 1)")
+    _require(o.sam_rho >= 0, "optim.sam_rho", o.sam_rho, ">= 0 (0 = off)")
     _require(
         o.stem_bias_schedule in ("freeze", "anneal"),
         "optim.stem_bias_schedule",

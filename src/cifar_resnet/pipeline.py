@@ -25,7 +25,7 @@ from . import data, distributed, engine, hardware
 from .batch_augment import BatchAugment
 from .config import ConfigError, DataSettings, ModelSettings, TrainSettings
 from .models import ImageClassifier, build_model, count_parameters
-from .optim import Lookahead, ModelEMA, build_optimizer, build_scheduler, param_groups
+from .optim import SAM, Lookahead, ModelEMA, build_optimizer, build_scheduler, param_groups
 
 
 def build_network(settings: ModelSettings, num_classes: int = 10) -> nn.Module:
@@ -298,7 +298,8 @@ def build_parts(
         if settings.train.ema_decay > 0
         else None
     )
-    return engine.TrainingParts(model, optimizer, scheduler, scaler, lookahead, ema)
+    sam = SAM(model.parameters(), o.sam_rho, adaptive=o.sam_adaptive) if o.sam_rho > 0 else None
+    return engine.TrainingParts(model, optimizer, scheduler, scaler, lookahead, ema, sam)
 
 
 def steps_per_epoch(batches: Callable[[int], Iterable]) -> int:

@@ -351,9 +351,11 @@ class SAM:
 
     Per batch: backward at w, ``perturb()``, forward and backward again at w + e,
     ``restore()``, then the base optimiser's step (engine.train_one_epoch does this).
-    Parameters without a gradient (frozen, or unused this batch) are left where they
-    are. Any float dtype and device; the norm is accumulated in float32. Nothing is
-    kept from one batch to the next, so there is no state to checkpoint.
+    ``params``: the parameters to perturb, tensors of any shape, float dtype and one
+    device (those that do not require a gradient are dropped); e has each one's shape
+    and dtype, the norm is accumulated in float32. Parameters without a gradient this
+    batch (frozen since, or unused) are left where they are. Nothing is kept from one
+    batch to the next, so there is no state to checkpoint.
 
     Raises ValueError for ``rho`` <= 0 or ``eta`` < 0.
     """

@@ -10,9 +10,9 @@ AMP GradScaler keep talking to a plain torch optimiser. Muon is written here too
 one class and one function, although torch.optim.Muon exists since torch 2.9: that
 one runs its iteration in bf16 whatever the run's precision (the Muon docstring says
 what that costs), takes 2-D parameters only, and does not hold filters at a fixed norm.
-SAM too, beside the base optimiser like Lookahead, because PyPI has no maintained one
-(sam-pytorch: one 0.0.1 release, 2021) and the usual code wraps the base optimiser
-in a closure-driven step that the GradScaler cannot unscale or skip.
+SAM too, beside the base optimiser like Lookahead: PyPI has no maintained one
+(sam-pytorch's latest release is 0.0.1, February 2021), and the usual code (davda54/sam)
+wraps the base optimiser in a closure-driven step, which GradScaler.step does not take.
 """
 
 from __future__ import annotations

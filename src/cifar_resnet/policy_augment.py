@@ -14,7 +14,9 @@ tests/test_policy_augment.py):
   one gather per image from a source-pixel map, computed once per image size with
   torchvision's own affine-grid arithmetic, so they are exact on every device and need
   no float copy of the images;
-- the colour ops blend with per-image factors in torchvision's float32 order;
+- the colour blends (Brightness, Color, Contrast, Sharpness) take per-image factors
+  in torchvision's float32 order of operations; Posterize and Solarize per-image masks
+  and thresholds;
 - AutoContrast and Equalize take no magnitude, and torchvision's kernels for them are
   already batched (per image and channel), so they are called as they are.
 
@@ -103,7 +105,7 @@ class PolicyDraw(NamedTuple):
 class TrivialAugmentWide:
     """TrivialAugmentWide (Müller & Hutter 2021) for uint8 (N, 3, H, W) batches on any device.
 
-    ``augment(images, generator)`` draws one op and magnitude bin per image from
+    ``policy(images, generator)`` draws one op and magnitude bin per image from
     ``generator`` (which must live on the images' device; no global random state is
     used) and applies them; ``sample`` and ``apply`` are the two halves. Geometric ops
     fill what comes from outside the image with 0, as torchvision does by default.
@@ -162,7 +164,7 @@ class TrivialAugmentWide:
         pieces = [x[group("Identity", "Identity")]]
         geometric = group(_GEOMETRIC[0], _GEOMETRIC[-1])
         pieces.append(self._warp(x[geometric], *(values[geometric] for values in sorted_draw)))
-        for name, op in _COLOUR_OPS.items():
+        for name, op in _PIXEL_OPS.items():
             chosen = group(name, name)
             pieces.append(op(x[chosen], magnitudes[chosen]))
         out = torch.empty_like(images)
@@ -275,7 +277,8 @@ def _geometric_source_maps(height: int, width: int, magnitudes: Tensor) -> Tenso
     return torch.stack(maps).view(len(_GEOMETRIC), magnitudes.shape[1], 2, height * width)
 
 
-# --------------------------------------------------------------------------- colour
+# --------------------------------------------------------------------------- pixel values
+# Every op but the geometric ones changes values and leaves positions alone. For the blends,
 # torchvision v2 computes each blend as float32 ``a * ratio + b * (1 - ratio)`` with
 # ``(1 - ratio)`` taken in float64 from ``ratio = 1 + magnitude``: exactly -magnitude.
 # ``torch.addcmul`` rounds the second product and the sum as its ``add_(b, alpha=...)``
@@ -320,10 +323,13 @@ def _sharpness(x: Tensor, magnitude: Tensor) -> Tensor:
     channels, height, width = x.shape[1:]
     if height <= 2 or width <= 2:
         return x.clone()
-    a, b = 1.0 / 13.0, 5.0 / 13.0
-    kernel = torch.tensor([[a, a, a], [a, b, a], [a, a, a]], device=x.device)
+    # torchvision convolves with weights 1/13 and 5/13 and rounds. Whole weights give the
+    # exact sum k (below 2**24, so also under TF32 convolutions on CUDA), and k / 13 is
+    # never within 1/26 of a half, so rounding it lands where torchvision's does.
+    kernel = torch.ones(channels, 1, 3, 3, device=x.device)
+    kernel[:, :, 1, 1] = 5.0
     out = x.float()
-    blurred = F.conv2d(out, kernel.expand(channels, 1, 3, 3), groups=channels).round_()
+    blurred = F.conv2d(out, kernel, groups=channels).div_(13.0).round_()
     interior = out[..., 1:-1, 1:-1]
     interior.copy_(torch.addcmul(interior, blurred.sub_(interior), _per_image(-magnitude)))
     return _to_uint8(out)
@@ -355,7 +361,7 @@ def _equalize(x: Tensor, magnitude: Tensor) -> Tensor:
     return TF.equalize(x)
 
 
-_COLOUR_OPS = {
+_PIXEL_OPS = {
     "Brightness": _brightness,
     "Color": _color,
     "Contrast": _contrast,

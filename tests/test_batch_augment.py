@@ -134,3 +134,97 @@ def test_alternating_flips_agree_across_devices():
     assert torch.equal(
         ga.first_epoch_flips(indices, 7), ga.first_epoch_flips(indices.cuda(), 7).cpu()
     )
+
+
+# --------------------------------------------------------------------------- policy
+
+
+def test_the_policy_runs_after_the_flip_and_before_the_cutout(batch):
+    from cifar_resnet.policy_augment import TrivialAugmentWide
+
+    indices = torch.arange(16)
+    policy_only = ga.BatchAugment(crop_pad=0, flip="none", policy="trivial_augment_wide")
+    out = policy_only(batch, indices, 0, torch.Generator().manual_seed(4))
+    assert torch.equal(out, TrivialAugmentWide()(batch, torch.Generator().manual_seed(4)))
+    full = ga.BatchAugment(
+        crop_pad=4, flip="random", policy="trivial_augment_wide", cutout=8, cutout_p=1.0
+    )
+    generator = torch.Generator().manual_seed(5)
+    shifted, _ = ga.random_translate(batch, 4, generator)
+    flipped = ga.flip_where(shifted, ga.flip_mask(indices, 0, "random", generator))
+    expected, _, _ = ga.cutout(TrivialAugmentWide()(flipped, generator), 8, generator, p=1.0)
+    assert torch.equal(full(batch, indices, 0, torch.Generator().manual_seed(5)), expected)
+
+
+# --------------------------------------------------------------------------- CutMix
+
+
+def test_a_cutmix_box_covers_one_minus_lambda_of_the_image():
+    lam = torch.linspace(0, 1, 101)
+    boxes = ga.cutmix_boxes(lam, 32, 24, torch.Generator().manual_seed(0))
+    y0, x0, y1, x1 = boxes.unbind(1)
+    assert (y0 >= 0).all() and (x0 >= 0).all() and (y1 <= 32).all() and (x1 <= 24).all()
+    # Uncut boxes have torchvision's sides: twice int(0.5 * sqrt(1 - lam) * size) each,
+    # so their area falls short of (1 - lam) * H * W by less than a 2-px rim.
+    half = 0.5 * (1 - lam).sqrt()
+    height, width = 2 * (half * 32).long(), 2 * (half * 24).long()
+    whole = (y1 - y0 == height) & (x1 - x0 == width)
+    assert whole.sum() > 10
+    area = ((y1 - y0) * (x1 - x0)).float()
+    shortfall = (1 - lam) * 32 * 24 - area
+    assert (shortfall[whole] >= -1e-3).all() and (shortfall[whole] < 2 * (32 + 24)).all()
+    # Boxes cut at the border are smaller, never larger.
+    assert (area[~whole] <= (height * width)[~whole]).all()
+
+
+def test_cutmix_pastes_the_previous_image_and_mixes_labels_by_the_pasted_area():
+    n, classes = 64, 10
+    # Each image one flat value (its index + 1), so a pixel tells where it came from.
+    images = (torch.arange(n, dtype=torch.uint8) + 1)[:, None, None, None].expand(n, 3, 20, 30)
+    labels = torch.arange(n) % classes
+    result = ga.cutmix(images, labels, classes, torch.Generator().manual_seed(0), alpha=1.0)
+    partner = images.roll(1, 0)
+    assert set(result.images.unique().tolist()) <= set(range(1, n + 1))
+    pasted = (result.images == partner).float().mean(dim=(1, 2, 3))
+    assert torch.equal(result.images, torch.where(result.images == partner, partner, images))
+    torch.testing.assert_close(result.lam, 1 - pasted)
+    y0, x0, y1, x1 = result.boxes.unbind(1)
+    torch.testing.assert_close(result.lam, 1 - ((y1 - y0) * (x1 - x0)).float() / (20 * 30))
+    expected = result.lam[:, None] * torch.nn.functional.one_hot(labels, classes)
+    expected += (1 - result.lam)[:, None] * torch.nn.functional.one_hot(labels.roll(1), classes)
+    torch.testing.assert_close(result.targets, expected)
+    assert result.targets.dtype == torch.float32
+    torch.testing.assert_close(result.targets.sum(1), torch.ones(n))
+    assert (result.lam < 1).sum() > 40  # p=1: only the odd empty box leaves one whole
+
+
+def test_cutmix_p_mixes_about_that_share_and_p_zero_nothing():
+    images = torch.randint(0, 256, (400, 3, 8, 8), dtype=torch.uint8)
+    labels = torch.randint(0, 10, (400,))
+    some = ga.cutmix(images, labels, 10, torch.Generator().manual_seed(1), p=0.25)
+    assert 60 < int((some.lam < 1).sum()) < 140
+    none = ga.cutmix(images, labels, 10, torch.Generator().manual_seed(1), p=0.0)
+    assert torch.equal(none.images, images) and (none.lam == 1).all()
+    torch.testing.assert_close(none.targets, torch.nn.functional.one_hot(labels, 10).float())
+
+
+def test_beta_draws_come_from_the_generator_and_have_the_beta_mean_and_spread():
+    draws = ga.sample_beta(0.5, 20_000, torch.Generator().manual_seed(0))
+    assert torch.equal(draws, ga.sample_beta(0.5, 20_000, torch.Generator().manual_seed(0)))
+    assert ((draws >= 0) & (draws <= 1)).all()
+    assert abs(draws.mean() - 0.5) < 0.01 and abs(draws.var() - 0.125) < 0.005  # 1/(4(2a+1))
+    with pytest.raises(ValueError, match="alpha"):
+        ga.sample_beta(0.0, 4, torch.Generator())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_batch_augment_mix_gives_soft_targets_on_the_device(batch, device):
+    augment = ga.BatchAugment(cutmix=0.5, cutmix_alpha=1.0)
+    labels = torch.arange(16, device=device) % 10
+    generator = torch.Generator(device=device).manual_seed(0)
+    images, targets = augment.mix(batch.to(device), labels, generator, num_classes=10)
+    assert images.dtype == torch.uint8 and images.shape == batch.shape
+    assert targets.shape == (16, 10) and targets.dtype == torch.float32
+    assert targets.device.type == device
+    with pytest.raises(ValueError, match="cutmix must be in"):
+        ga.BatchAugment(cutmix=1.5)

@@ -7,6 +7,7 @@ version; and what cannot work is refused before anything is read."""
 
 from __future__ import annotations
 
+import functools
 import signal
 import subprocess
 import sys
@@ -98,14 +99,23 @@ def test_run_params_name_world_size_backend_and_per_rank_batch():
 # --------------------------------------------------------------------------- sharding
 
 
-def test_the_tensor_loaders_shards_make_one_process_batches():
+@pytest.mark.parametrize(
+    "augment",
+    [
+        BatchAugment(crop_pad=2, flip="random", cutout=4),
+        # CutMix pairs images across the processes' slices, so it runs on the global batch.
+        BatchAugment(crop_pad=2, flip="random", policy="trivial_augment_wide", cutmix=0.5),
+    ],
+    ids=["translate_flip_cutout", "trivial_augment_cutmix"],
+)
+def test_the_tensor_loaders_shards_make_one_process_batches(augment):
     images, labels = random_set()
-    augment = BatchAugment(crop_pad=2, flip="random", cutout=4)
+    mix = functools.partial(augment.mix, num_classes=10) if augment.cutmix else None
 
     def batches(rank=0, world_size=1):
         loader = data.TensorLoader(
             images, labels, 16, CPU, shuffle=True, augment=augment, seed=5, rank=rank,
-            world_size=world_size,
+            world_size=world_size, mix=mix,
         )  # fmt: skip
         return list(loader.iter_epoch(2))
 
@@ -115,6 +125,7 @@ def test_the_tensor_loaders_shards_make_one_process_batches():
         torch.testing.assert_close(torch.cat([s[step][0] for s in shards]), x)
         torch.testing.assert_close(torch.cat([s[step][1] for s in shards]), y)
     assert [len(s[0][1]) for s in shards] == [8, 8]
+    assert whole[0][1].shape == ((16, 10) if mix else (16,))
 
 
 def test_the_albumentations_path_shards_with_a_distributed_sampler():

@@ -341,3 +341,38 @@ def test_a_run_resumed_after_epoch_1_equals_the_uninterrupted_one(tmp_path, adap
     for mine, theirs in ((whole.model, resumed.model), (whole.ema.module, resumed.ema.module)):
         for (key, tensor), other in zip(mine.state_dict().items(), theirs.state_dict().values()):
             assert torch.equal(tensor, other), key
+
+def test_cutmix_targets_train_on_the_hand_mixed_cross_entropy():
+    """Soft targets (CutMix's) give lam * CE(own label) + (1 - lam) * CE(partner's), label
+    smoothing on both, and accuracy counts the targets' largest class."""
+    from cifar_resnet.batch_augment import cutmix
+
+    torch.manual_seed(0)
+    model = ImageClassifier(
+        nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 10)), (0.5,) * 3, (0.25,) * 3
+    )
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (12, 3, 8, 8), dtype=torch.uint8, generator=generator)
+    labels = torch.randint(0, 10, (12,), generator=generator)
+    mixed = cutmix(images, labels, 10, generator)
+    assert (mixed.lam < 1).any()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # the loss of these weights
+    result = engine.train_one_epoch(
+        model,
+        [(mixed.images, mixed.targets)],
+        optimizer,
+        torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0),
+        torch.device("cpu"),
+        label_smoothing=0.1,
+        channels_last=False,
+    )
+    with torch.no_grad():
+        logits = model(mixed.images)
+    own = nn.functional.cross_entropy(logits, labels, label_smoothing=0.1, reduction="none")
+    other = nn.functional.cross_entropy(
+        logits, labels.roll(1), label_smoothing=0.1, reduction="none"
+    )
+    expected = (mixed.lam * own + (1 - mixed.lam) * other).mean()
+    assert result.loss == pytest.approx(expected.item(), rel=1e-5)
+    majority = mixed.targets.argmax(1)
+    assert result.acc == pytest.approx((logits.argmax(1) == majority).float().mean().item())

@@ -138,6 +138,10 @@ def train_one_epoch(
     gradient, clipped to ``grad_clip``, and the schedule, Lookahead and the EMA advance
     once a batch as without it. Loss and accuracy are the first pass's.
 
+    Labels are int64 class indices (N,) or float class probabilities (N, classes), as
+    CutMix yields; cross-entropy takes either (with ``label_smoothing`` on top), and
+    accuracy counts a prediction right when it is the probabilities' largest class.
+
     Under torchrun (``world``), ``model`` is the DistributedDataParallel wrapper and
     ``batches`` this process's share; loss, accuracy and images are summed over all
     processes, so every process returns the whole step's figures."""
@@ -178,7 +182,8 @@ def train_one_epoch(
             ema.update(model)
         n = labels.shape[0]
         loss_sum += loss.detach().double() * n
-        correct += (logits.detach().argmax(1) == labels).sum()
+        classes = labels.argmax(1) if labels.is_floating_point() else labels
+        correct += (logits.detach().argmax(1) == classes).sum()
         seen += n
         bar.update(n)
     bar.close()

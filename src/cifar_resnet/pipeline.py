@@ -84,6 +84,9 @@ def train_batches(
     drop_last = len(labels) * settings.data.repeats > batch_size
     if settings.data.loader == "tensor":
         aug = BatchAugment(**settings.augment.tensor) if settings.augment.tensor else None
+        mix = None
+        if aug is not None and aug.cutmix > 0:
+            mix = functools.partial(aug.mix, num_classes=len(data.CIFAR10_CLASSES))
         loader = data.TensorLoader(
             images,
             labels,
@@ -96,6 +99,7 @@ def train_batches(
             repeats=settings.data.repeats,
             rank=world.rank,
             world_size=world.size,
+            mix=mix,
         )
 
         def tensor_epoch(epoch: int):

@@ -3,7 +3,9 @@ images and int64 labels (normalisation happens inside the model wrapper).
 
 - ``make_loader``: per-sample Albumentations transforms in worker processes.
 - ``TensorLoader``: the whole set lives on the training device (CPU or GPU) and
-  each batch is augmented at once (see ``batch_augment``).
+  each batch is augmented at once (see ``batch_augment``). With a ``mix`` (CutMix),
+  which mixes labels too, its targets are float class probabilities (N, classes)
+  instead.
 
 Every random choice is derived from ``(seed, epoch)``, so an epoch can be replayed
 exactly (for a given ``num_workers``), which is what resume relies on.
@@ -25,6 +27,11 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, S
 # generator, seed=...) -> augmented images; batch_augment.BatchAugment is one. A protocol
 # here, not an import, so that data stays below augmentation in the stack.
 BatchTransform = Callable[..., torch.Tensor]
+# And after it, one that mixes images and labels: (images, int64 labels, generator) ->
+# (images, float targets (N, classes)); e.g. BatchAugment.mix with its num_classes bound.
+BatchMix = Callable[
+    [torch.Tensor, torch.Tensor, torch.Generator], tuple[torch.Tensor, torch.Tensor]
+]
 
 # --------------------------------------------------------------------------- seeding
 
@@ -224,8 +231,10 @@ class TensorLoader:
     NCHW with channels_last memory. Epoch ``e`` (``set_epoch`` or
     ``iter_epoch(e)``) draws its permutation and augmentations from one generator
     on the device seeded with (seed, e); ``augment`` sees whole batches with
-    their dataset indices. Yields (x uint8 NCHW, y int64), both on ``device``.
-    Same device type + same seed -> the same batches (CPU and CUDA streams differ).
+    their dataset indices, then ``mix`` (if any) sees the augmented batch with its
+    labels. Yields (x uint8 NCHW, y), both on ``device``: y int64 (N,) labels, or with
+    ``mix`` float targets (N, classes). Same device type + same seed -> the same
+    batches (CPU and CUDA streams differ).
 
     Data-parallel (``world_size`` > 1): ``batch_size`` stays the global batch, and
     process ``rank`` yields its contiguous slice of each global batch (``batch_size /
@@ -249,6 +258,7 @@ class TensorLoader:
         repeats: int = 1,
         rank: int = 0,
         world_size: int = 1,
+        mix: BatchMix | None = None,
     ):
         images = torch.as_tensor(images)
         _check_images_and_labels(images, labels, repeats)
@@ -265,6 +275,7 @@ class TensorLoader:
         self.shuffle = shuffle
         self.drop_last = drop_last
         self.augment = augment
+        self.mix = mix
         self.seed = seed
         self.repeats = repeats
         self.epoch = 0
@@ -295,12 +306,16 @@ class TensorLoader:
         order = order % len(self.labels)
         for batch in range(len(self)):
             indices = order[batch * self.batch_size:(batch + 1) * self.batch_size]
-            if self.augment is None:
+            if self.augment is None and self.mix is None:
                 mine = self._share(indices)
                 yield self.images[mine], self.labels[mine]
                 continue
-            x = self.augment(self.images[indices], indices, epoch, generator, seed=self.seed)
-            yield self._share(x), self.labels[self._share(indices)]
+            x, y = self.images[indices], self.labels[indices]
+            if self.augment is not None:
+                x = self.augment(x, indices, epoch, generator, seed=self.seed)
+            if self.mix is not None:  # on the global batch too: partners cross the slices
+                x, y = self.mix(x, y, generator)
+            yield self._share(x), self._share(y)
 
     def _share(self, batch: torch.Tensor) -> torch.Tensor:
         """This process's contiguous slice of a global batch (all of it for one process)."""

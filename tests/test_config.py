@@ -126,6 +126,33 @@ def test_seed_augmentation_has_no_tensor_path():
         train_settings(compose_train("augment=seed", "data.loader=tensor"))
 
 
+def test_trivial_augment_has_only_the_tensor_path():
+    with pytest.raises(ConfigError, match="no per-image .* use data.loader=tensor"):
+        train_settings(compose_train("augment=trivial_augment", "data.loader=albumentations"))
+    s = train_settings(
+        compose_train("augment=trivial_augment", "data.loader=tensor", "augment.tensor.cutmix=0.5")
+    )
+    assert s.augment.tensor["policy"] == "trivial_augment_wide"
+    assert s.augment.tensor["cutmix"] == 0.5
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("augment.tensor.cutmix=1.5", "augment.tensor.cutmix must be in [0, 1] (0 = off), got 1.5"),
+        ("augment.tensor.cutmix_alpha=0", "augment.tensor.cutmix_alpha must be > 0, got 0"),
+        ("augment.tensor.cutmix=often", "augment.tensor.cutmix must be a number, got 'often'"),
+        ("augment.tensor.policy=rand_augment", "augment.tensor.policy must be one of none, "),
+        ("augment.tensor.crop_pad=-1", "augment.tensor.crop_pad must be >= 0 (0 = off), got -1"),
+        ("+augment.tensor.mixup=0.2", "unknown key(s) augment.tensor.mixup"),
+    ],
+)
+def test_the_batched_augmentation_is_checked_before_any_data_is_read(override, message):
+    with pytest.raises(ConfigError) as err:
+        train_settings(compose_train("augment=trivial_augment", "data.loader=tensor", override))
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
 def test_mlproject_argv_splits_overrides_and_drops_empty_parameters():
     argv = ["epochs=", "model=resnet9", "overrides=data.train_subset=2000 augment=none 'x.y=a b'"]
     assert mlproject_argv(argv, {"epochs": "train.epochs", "model": "model"}) == [
@@ -203,7 +230,7 @@ def typed(entry: str, *overrides: str):
         ("train", "data.md5_file=[a,b]", "data.md5_file must be text or null, got ['a', 'b']"),
         ("train", "model.kwargs=3", "model.kwargs must be a mapping, got 3"),
         ("train", "model.max_params=5M", "model.max_params must be an integer, got '5M'"),
-        ("train", "augment.params=null", "augment.params must be a mapping, got null"),
+        ("train", "augment.params=3", "augment.params must be a mapping or null, got 3"),
         ("train", "schedule.div_factor=true", "schedule.div_factor must be a number, got true"),
         ("train", "registry.register=0", "registry.register must be true or false, got 0"),
         ("train", "seed=1.5", "seed must be an integer, got 1.5"),

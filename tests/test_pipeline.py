@@ -181,3 +181,22 @@ def test_where_the_flags_cannot_tell_prepare_machine_times_both_precisions(
     settings = fast_settings(tiny_cifar, tmp_path, "train.batch_size=8")
     assert rates == [torch.bfloat16, None] or rates == [None, torch.bfloat16]
     assert settings.train.precision in ("fp32", "bf16")
+
+
+def test_an_epoch_of_trivial_augment_and_cutmix_through_the_tensor_path(tiny_cifar, tmp_path):
+    settings = fast_settings(
+        tiny_cifar,
+        tmp_path,
+        "augment=trivial_augment",
+        "augment.tensor.cutmix=0.5",
+        "train.epochs=1",
+    )
+    assert settings.data.loader == "tensor"
+    splits, batches, parts = build_on_cpu(settings)
+    x, y = next(iter(batches(1)))
+    assert x.dtype == torch.uint8 and y.shape == (len(x), 10) and y.is_floating_point()
+    state = pipeline.run_fit(
+        settings, splits, parts, batches, CPU, checkpoint_dir=tmp_path / "ckpt"
+    )
+    assert state.epoch == 1 and math.isfinite(state.history[0]["train_loss"])
+    assert 0 <= state.history[0]["train_acc"] <= 1

@@ -20,6 +20,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from .batch_augment import BatchAugment
 from .errors import UserError
 from .hardware import DEVICES, PRECISIONS
 from .tta import TTA_VIEWS
@@ -52,7 +53,10 @@ class DataSettings:
 @dataclass(frozen=True)
 class AugmentSettings:
     name: str
-    params: dict[str, Any]
+    # The Albumentations pipeline's arguments (augment.py), for data.loader=albumentations;
+    # null where the augmentation has no per-image version.
+    params: dict[str, Any] | None
+    # batch_augment.BatchAugment's, for data.loader=tensor; null where it has no batched one.
     tensor: dict[str, Any] | None
 
 
@@ -217,6 +221,11 @@ def _convert(value: Any, annotation: Any) -> Any:
         inner = args[1] if args else Any
         items = {k: _convert(v, inner) for k, v in value.items()}
         return _INVALID if _INVALID in items.values() else items
+    if origin is tuple and len(args) == 2 and args[1] is Ellipsis:  # tuple[int, ...]
+        if not isinstance(value, (list, tuple)):
+            return _INVALID
+        items = tuple(_convert(v, args[0]) for v in value)
+        return _INVALID if _INVALID in items else items
     if origin is tuple:
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             return _INVALID
@@ -239,6 +248,8 @@ def _describe(annotation: Any) -> str:
         if type(None) in typing.get_args(annotation):
             options.append("null")
         return " or ".join(options)
+    if typing.get_origin(annotation) is tuple and typing.get_args(annotation)[1:] == (Ellipsis,):
+        return f"a list, each {_describe(typing.get_args(annotation)[0])}"
     if typing.get_origin(annotation) is tuple:
         kinds = sorted({_describe(a) for a in typing.get_args(annotation)})
         return f"a list of {len(typing.get_args(annotation))}, each {' or '.join(kinds)}"
@@ -308,6 +319,13 @@ def validate(s: TrainSettings) -> None:
         raise ConfigError(
             f"augment={s.augment.name} has no batched version; use data.loader=albumentations"
         )
+    if s.data.loader == "albumentations" and s.augment.params is None:
+        raise ConfigError(
+            f"augment={s.augment.name} has no per-image (Albumentations) version; "
+            "use data.loader=tensor"
+        )
+    if s.data.loader == "tensor":
+        _check_batch_augment(s.augment.tensor)
     _check_machine("train", s.train.device, s.train.precision)
     if s.train.tta not in TTA_VIEWS:  # else a long run would fail at its very end
         raise ConfigError(
@@ -364,6 +382,17 @@ def validate(s: TrainSettings) -> None:
     )
     _require(c.div_factor > 0, "schedule.div_factor", c.div_factor, "> 0")
     _require(c.final_div_factor > 0, "schedule.final_div_factor", c.final_div_factor, "> 0")
+
+
+def _check_batch_augment(values: dict[str, Any]) -> None:
+    """augment.tensor's keys, types and ranges, checked by building the BatchAugment that
+    the tensor path will build: ConfigError naming the key, as for any other section."""
+    try:
+        _build(BatchAugment, "augment.tensor", values)
+    except ValueError as err:
+        if isinstance(err, ConfigError):
+            raise
+        raise ConfigError(f"augment.tensor.{err}") from None
 
 
 def _require(ok: bool, key: str, value: Any, allowed: str) -> None:

@@ -190,6 +190,7 @@ def test_an_epoch_of_trivial_augment_and_cutmix_through_the_tensor_path(tiny_cif
         "augment=trivial_augment",
         "augment.tensor.cutmix=0.5",
         "train.epochs=1",
+        "data.train_subset=64",  # two steps
     )
     assert settings.data.loader == "tensor"
     splits, batches, parts = build_on_cpu(settings)

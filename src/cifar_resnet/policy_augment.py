@@ -7,13 +7,14 @@ magnitude for a whole batch, so drawing per image through it means a Python loop
 the images; that is why this batched version with per-image magnitudes is ours. The op
 set, the 31 magnitude bins, their ranges and sign flips are torchvision's (0.29,
 ``transforms/v2/_auto_augment.py``), and each op reproduces
-``torchvision.transforms.v2.functional`` on uint8 tensors bit for bit (checked in
-tests/test_policy_augment.py):
+``torchvision.transforms.v2.functional`` on uint8 tensors bit for bit
+(tests/test_policy_augment.py checks every op, bin and sign on the CPU, and that CUDA
+gives the CPU's result where there is CUDA):
 
 - the geometric ops (shears, translations, rotation; nearest sampling, fill 0) become
-  one gather per image from a source-pixel map, computed once per image size with
-  torchvision's own affine-grid arithmetic, so they are exact on every device and need
-  no float copy of the images;
+  one gather per image from a source-pixel map, computed once per image size on the
+  CPU with torchvision's own affine-grid arithmetic, so no device's matmul precision
+  (TF32) can move a pixel, and no float copy of the images is needed;
 - the colour blends (Brightness, Color, Contrast, Sharpness) take per-image factors
   in torchvision's float32 order of operations; Posterize and Solarize per-image masks
   and thresholds;

@@ -342,6 +342,7 @@ def test_a_run_resumed_after_epoch_1_equals_the_uninterrupted_one(tmp_path, adap
         for (key, tensor), other in zip(mine.state_dict().items(), theirs.state_dict().values()):
             assert torch.equal(tensor, other), key
 
+
 def test_cutmix_targets_train_on_the_hand_mixed_cross_entropy():
     """Soft targets (CutMix's) give lam * CE(own label) + (1 - lam) * CE(partner's), label
     smoothing on both, and accuracy counts the targets' largest class."""

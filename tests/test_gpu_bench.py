@@ -1,0 +1,43 @@
+"""scripts/gpu_bench.sh: the device call is prepared and checked here, on the CPU, because
+a GPU is lent to few sessions and its minutes are too few to debug in."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_the_dry_run_runs_every_planned_run_and_reports_the_capped_one_as_partial(tmp_path):
+    env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable}
+    result = subprocess.run(
+        ["bash", "scripts/gpu_bench.sh", "--dry-run"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    runs = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    by_recipe = {}
+    for run in runs:
+        by_recipe.setdefault(run["recipe"], []).append(run)
+    assert {r: len(v) for r, v in by_recipe.items()} == {
+        "best_airbench96": 1,
+        "best_airbench96_sam": 1,
+        "seed": 1,
+        "fast": 3,
+        "fast_muon": 3,
+    }
+    assert all(r["parameters"] < 5_000_000 for r in runs)
+    [seed] = by_recipe["seed"]
+    # Cut short: the fraction of its schedule is stated and the test set is not read.
+    assert seed["partial"] and seed["fraction"] == 1 / seed["epochs_planned"]
+    assert "test_acc" not in seed
+    finished = [r for r in runs if r["recipe"] != "seed"]
+    assert all("test_acc" in r and not r.get("partial") for r in finished)
+    # The final fits keep their own data.val_size=0 over the dry run's.
+    assert all(r["best_epoch"] == 1 for r in by_recipe["fast"] + by_recipe["fast_muon"])

@@ -132,34 +132,31 @@ def run_once(
             return partial_result(overrides, seed, settings, run, device, deadline.history)
         fit_seconds = time.perf_counter() - start
         tested, _ = training.test_once(run, Path(tmp))
-    history = state.history
     return {
-        "overrides": " ".join(overrides),
-        "seed": seed,
-        "recipe": settings.recipe,
-        "model": settings.model.name,
-        "parameters": run.parameters,
-        "device": device_name(device),
-        "epochs": state.epoch,
-        "precision": settings.train.precision,
-        "cpu_class": hardware.cpu_class(),
-        "train_seconds": round(sum(m["epoch_seconds"] for m in history), 2),
+        **run_fields(overrides, seed, settings, run, device, state.history),
         "fit_seconds": round(fit_seconds, 2),  # training + per-epoch validation + data set-up
-        "images_per_second": round(
-            sum(m["images_per_second"] for m in history[1:] or history) / max(len(history) - 1, 1),
-            1,
-        ),
         "best_val_acc": round(state.best_val_acc, 4),
         "best_epoch": state.best_epoch,
         **{k: round(v, 4) for k, v in tested.items()},
-        "torch": torch.__version__,
-        "date": time.strftime("%Y-%m-%d %H:%M"),
     }
 
 
 def partial_result(overrides, seed, settings, run, device, history: list[dict]) -> dict:
+    """A run stopped by --time-limit: how far it got, and how fast."""
     val = [m["val_acc"] for m in history if "val_acc" in m]
-    seconds = [m["epoch_seconds"] for m in history]
+    return {
+        **run_fields(overrides, seed, settings, run, device, history),
+        "partial": True,
+        "epochs_planned": settings.train.epochs,
+        "fraction": round(len(history) / settings.train.epochs, 4),
+        "best_val_acc_so_far": round(max(val), 4) if val else None,
+    }
+
+
+def run_fields(overrides, seed, settings, run, device, history: list[dict]) -> dict:
+    """What every line says: the run, the machine, its epochs and their speed."""
+    # The first epoch carries warm-up (allocation, autotuning): left out where there are more.
+    timed = history[1:] or history
     return {
         "overrides": " ".join(overrides),
         "seed": seed,
@@ -167,15 +164,12 @@ def partial_result(overrides, seed, settings, run, device, history: list[dict]) 
         "model": settings.model.name,
         "parameters": run.parameters,
         "device": device_name(device),
-        "partial": True,
         "epochs": len(history),
-        "epochs_planned": settings.train.epochs,
-        "fraction": round(len(history) / settings.train.epochs, 4),
         "precision": settings.train.precision,
-        "train_seconds": round(sum(seconds), 2),
-        # The first epoch carries warm-up (allocation, autotuning): left out where there are more.
-        "seconds_per_epoch": round(sum(seconds[1:] or seconds) / max(len(seconds) - 1, 1), 2),
-        "best_val_acc_so_far": round(max(val), 4) if val else None,
+        "cpu_class": hardware.cpu_class(),
+        "train_seconds": round(sum(m["epoch_seconds"] for m in history), 2),
+        "seconds_per_epoch": round(sum(m["epoch_seconds"] for m in timed) / len(timed), 2),
+        "images_per_second": round(sum(m["images_per_second"] for m in timed) / len(timed), 1),
         "torch": torch.__version__,
         "date": time.strftime("%Y-%m-%d %H:%M"),
     }

@@ -86,9 +86,14 @@ def test_muon_recipe_steps_every_trainable_filter_with_muon(tiny_cifar, tmp_path
     assert all(not torch.equal(b, p) for b, p in zip(before, muon_group["params"]))
 
 
-def test_muon_recipe_anneals_the_stem_bias_at_the_norm_rate_until_it_freezes(tiny_cifar, tmp_path):
+def test_an_annealed_stem_bias_trains_at_the_norm_rate_until_it_freezes(tiny_cifar, tmp_path):
     settings = fast_settings(
-        tiny_cifar, tmp_path, "train.epochs=4", "train.batch_size=32", recipe="fast_muon"
+        tiny_cifar,
+        tmp_path,
+        "train.epochs=4",
+        "train.batch_size=32",
+        "optim.stem_bias_schedule=anneal",
+        recipe="fast_muon",
     )
     splits, batches, parts = build_on_cpu(settings)
     steps = pipeline.steps_per_epoch(batches)

@@ -135,7 +135,8 @@ def run_once(
     return {
         **run_fields(overrides, seed, settings, run, device, state.history),
         "fit_seconds": round(fit_seconds, 2),  # training + per-epoch validation + data set-up
-        "best_val_acc": round(state.best_val_acc, 4),
+        # A final fit (data.val_size=0) validates nothing: no figure rather than a sentinel.
+        "best_val_acc": round(state.best_val_acc, 4) if state.best_val_acc >= 0 else None,
         "best_epoch": state.best_epoch,
         **{k: round(v, 4) for k, v in tested.items()},
     }
@@ -191,6 +192,8 @@ def main() -> None:
             for seed in args.seeds:
                 # The run's own overrides come last, so they win (data.val_size=0 stays).
                 result = run_once([*extra, *shlex.split(spec)], seed, cache, args.time_limit)
+                if args.dry_run:
+                    result["dry_run"] = True  # random data: a check, never a figure
                 line = json.dumps(result)
                 print(line, flush=True)
                 if args.out:

@@ -20,8 +20,11 @@
 #   3. time to 94% with TTA: recipe=fast and fast_muon as final fits, 3 seeds.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-dry=""
-[[ "${1:-}" == "--dry-run" ]] && dry="--dry-run"
+case "${1:-}" in
+    "") dry="" ;;
+    --dry-run) dry="--dry-run" ;;
+    *) echo "usage: scripts/gpu_bench.sh [--dry-run]   (got: $*)" >&2; exit 2 ;;
+esac
 out="${OUT:-.bench}"
 mkdir -p "$out"
 budget="${BUDGET_SECONDS:-540}"

@@ -140,7 +140,11 @@ def test_trivial_augment_has_only_the_tensor_path():
     "override, message",
     [
         ("augment.tensor.cutmix=1.5", "augment.tensor.cutmix must be in [0, 1] (0 = off), got 1.5"),
-        ("augment.tensor.cutmix_alpha=0", "augment.tensor.cutmix_alpha must be > 0, got 0"),
+        (
+            "augment.tensor.cutmix_alpha=0",
+            "augment.tensor.cutmix_alpha must be > 0 and finite, got 0",
+        ),
+        ("augment.tensor.cutmix_alpha=inf", "augment.tensor.cutmix_alpha must be > 0 and finite"),
         ("augment.tensor.cutmix=often", "augment.tensor.cutmix must be a number, got 'often'"),
         ("augment.tensor.policy=rand_augment", "augment.tensor.policy must be one of none, "),
         ("augment.tensor.crop_pad=-1", "augment.tensor.crop_pad must be >= 0 (0 = off), got -1"),
@@ -240,7 +244,9 @@ def typed(entry: str, *overrides: str):
         ("train", "train.ema_decay=1", "train.ema_decay must be in [0, 1) (0 = off), got 1.0"),
         ("train", "optim.weight_decay=-1e-4", "optim.weight_decay must be >= 0, got -0.0001"),
         ("train", "optim.momentum=2", "optim.momentum must be in [0, 1], got 2.0"),
-        ("train", "optim.sam_rho=-0.05", "optim.sam_rho must be >= 0 (0 = off), got -0.05"),
+        ("train", "optim.sam_rho=-0.05", "optim.sam_rho must be >= 0 and finite (0 = off), got"),
+        ("train", "optim.sam_rho=inf", "optim.sam_rho must be >= 0 and finite (0 = off), got inf"),
+        ("train", "optim.sam_adaptive=true", "optim.sam_adaptive=true needs optim.sam_rho > 0"),
         ("train", "optim.sam_adaptive=1", "optim.sam_adaptive must be true or false, got 1"),
         ("train", "data.num_workers=-1", "data.num_workers must be >= 0, got -1"),
         ("tune", "tune.n_trials=1.5", "tune.n_trials must be an integer or null, got 1.5"),

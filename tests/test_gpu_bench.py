@@ -32,7 +32,7 @@ def test_the_dry_run_runs_every_planned_run_and_reports_the_capped_one_as_partia
         "fast": 3,
         "fast_muon": 3,
     }
-    assert all(r["parameters"] < 5_000_000 for r in runs)
+    assert all(r["parameters"] < 5_000_000 and r["dry_run"] for r in runs)
     [seed] = by_recipe["seed"]
     # Cut short: the fraction of its schedule is stated and the test set is not read.
     assert seed["partial"] and seed["fraction"] == 1 / seed["epochs_planned"]
@@ -41,3 +41,16 @@ def test_the_dry_run_runs_every_planned_run_and_reports_the_capped_one_as_partia
     assert all("test_acc" in r and not r.get("partial") for r in finished)
     # The final fits keep their own data.val_size=0 over the dry run's.
     assert all(r["best_epoch"] == 1 for r in by_recipe["fast"] + by_recipe["fast_muon"])
+
+
+def test_an_unknown_argument_is_refused_before_anything_runs(tmp_path):
+    result = subprocess.run(
+        ["bash", "scripts/gpu_bench.sh", "--dryrun"],
+        cwd=ROOT,
+        env={**os.environ, "OUT": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2 and "usage" in result.stderr
+    assert not (tmp_path / "results.jsonl").exists()

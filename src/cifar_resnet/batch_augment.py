@@ -275,7 +275,7 @@ class BatchAugment:
             (self.cutout >= 0, "cutout", ">= 0 (0 = off)"),
             (0 <= self.cutout_p <= 1, "cutout_p", "in [0, 1]"),
             (0 <= self.cutmix <= 1, "cutmix", "in [0, 1] (0 = off)"),
-            (self.cutmix_alpha > 0, "cutmix_alpha", "> 0"),
+            (0 < self.cutmix_alpha < float("inf"), "cutmix_alpha", "> 0 and finite"),
         ]
         for ok, name, allowed in checks:
             if not ok:

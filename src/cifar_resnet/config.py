@@ -365,7 +365,9 @@ def validate(s: TrainSettings) -> None:
     _require(0 < o.lookahead_alpha <= 1, "optim.lookahead_alpha", o.lookahead_alpha, "in (0, 1]")
     _require(o.muon_lr > 0, "optim.muon_lr", o.muon_lr, "> 0")
     _require(0 <= o.muon_momentum < 1, "optim.muon_momentum", o.muon_momentum, "in [0, 1)")
-    _require(o.sam_rho >= 0, "optim.sam_rho", o.sam_rho, ">= 0 (0 = off)")
+    _require(0 <= o.sam_rho < float("inf"), "optim.sam_rho", o.sam_rho, ">= 0 and finite (0 = off)")
+    if o.sam_adaptive and o.sam_rho == 0:
+        raise ConfigError("optim.sam_adaptive=true needs optim.sam_rho > 0 (ASAM's: about 0.5)")
     _require(
         o.stem_bias_schedule in ("freeze", "anneal"),
         "optim.stem_bias_schedule",

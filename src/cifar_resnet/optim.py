@@ -243,15 +243,21 @@ def param_groups(
     groups = [
         {"params": weights, "weight_decay": weight_decay, "lr_scale": 1.0},
         {"params": biases, "weight_decay": 0.0, "lr_scale": 1.0},
-        {
-            "params": norms,
-            "lr_scale": norm_lr_scale,
-            "weight_decay": weight_decay / norm_lr_scale if norm_decay else 0.0,
-        },
+        {"params": norms, **norm_group_options(weight_decay, norm_lr_scale, norm_decay)},
         {"params": filters, "weight_decay": 0.0, "orthogonal": True},
         *separate,
     ]
     return [g for g in groups if g["params"]]
+
+
+def norm_group_options(weight_decay: float, norm_lr_scale: float, norm_decay: bool) -> dict:
+    """``lr_scale`` and ``weight_decay`` of a group that trains like the normalisation
+    layers' parameters (``param_groups``): ``norm_lr_scale`` times the base rate, and
+    with ``norm_decay`` decayed at the weights' per-step rate (lr * wd), else not."""
+    return {
+        "lr_scale": norm_lr_scale,
+        "weight_decay": weight_decay / norm_lr_scale if norm_decay else 0.0,
+    }
 
 
 class Lookahead:

@@ -25,7 +25,15 @@ from . import data, distributed, engine, hardware
 from .batch_augment import BatchAugment
 from .config import ConfigError, DataSettings, ModelSettings, TrainSettings
 from .models import ImageClassifier, build_model, count_parameters
-from .optim import SAM, Lookahead, ModelEMA, build_optimizer, build_scheduler, param_groups
+from .optim import (
+    SAM,
+    Lookahead,
+    ModelEMA,
+    build_optimizer,
+    build_scheduler,
+    norm_group_options,
+    param_groups,
+)
 
 
 def build_network(settings: ModelSettings, num_classes: int = 10) -> nn.Module:
@@ -248,8 +256,7 @@ def stem_bias_groups(settings: TrainSettings, model: nn.Module, steps_per_epoch:
     return [
         {
             "params": [stem.bias],
-            "lr_scale": o.norm_lr_scale,
-            "weight_decay": o.weight_decay / o.norm_lr_scale if o.norm_decay else 0.0,
+            **norm_group_options(o.weight_decay, o.norm_lr_scale, o.norm_decay),
             "anneal_steps": epochs * steps_per_epoch,
         }
     ]

@@ -166,6 +166,9 @@ def train_one_epoch(
             logits = model(images)
             return logits, F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
 
+    # The layers whose statistics SAM's second pass must leave alone: found once an
+    # epoch (the model is in training mode throughout), not walked again every step.
+    tracking = _tracking_batch_norms(model) if sam is not None else []
     for images, labels in batches:
         images = images.to(device, non_blocking=True).contiguous(memory_format=memory_format)
         labels = labels.to(device, non_blocking=True)
@@ -173,7 +176,7 @@ def train_one_epoch(
         optimizer.zero_grad(set_to_none=True)
         _backward(loss, scaler)
         if sam is not None:
-            _sam_gradient(model, sam, optimizer, scaler, forward, images, labels)
+            _sam_gradient(tracking, sam, optimizer, scaler, forward, images, labels)
         _optimizer_step(model, optimizer, scaler, grad_clip)
         scheduler.step()
         if lookahead is not None:
@@ -225,7 +228,7 @@ def _optimizer_step(
 
 
 def _sam_gradient(
-    model: nn.Module,
+    batch_norms: list[nn.Module],
     sam: SAM,
     optimizer: torch.optim.Optimizer,
     scaler: torch.amp.GradScaler | None,
@@ -235,6 +238,7 @@ def _sam_gradient(
 ) -> None:
     """SAM's second pass: replace the gradients at w (from the first backward) by those
     at w + e(w), and put w back, so that the base optimiser steps from w with them.
+    ``batch_norms``: the layers whose running statistics the second pass leaves alone.
 
     Under a GradScaler (fp16) the first gradients are unscaled for the norm; where they
     hold inf or NaN nothing moves and they stay, so that the scaler's step skips the
@@ -245,7 +249,7 @@ def _sam_gradient(
     if not sam.perturb(scaler.get_scale() if fp16 else 1.0, check_finite=fp16):
         return
     try:
-        with _running_statistics_kept(model):
+        with _running_statistics_kept(batch_norms):
             _, loss = forward(images, labels)
         optimizer.zero_grad(set_to_none=True)
         _backward(loss, scaler)
@@ -254,9 +258,9 @@ def _sam_gradient(
 
 
 @contextlib.contextmanager
-def _running_statistics_kept(model: nn.Module):
-    """BatchNorm layers normalise with the batch's statistics but leave their running
-    statistics and their batch count alone.
+def _running_statistics_kept(batch_norms: list[nn.Module]):
+    """These BatchNorm layers (``_tracking_batch_norms``) normalise with the batch's
+    statistics but leave their running statistics and their batch count alone.
 
     SAM's second pass sees the batch again at w + e, weights the model never keeps;
     counting it would update the running statistics twice a batch, toward those weights
@@ -265,18 +269,22 @@ def _running_statistics_kept(model: nn.Module):
     which a cumulative average (momentum=None) divides by. Under torch.compile the flip
     costs one more graph, compiled once.
     """
-    layers = [
-        m
-        for m in model.modules()
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats
-    ]
-    for layer in layers:
+    for layer in batch_norms:
         layer.track_running_stats = False
     try:
         yield
     finally:
-        for layer in layers:
+        for layer in batch_norms:
             layer.track_running_stats = True
+
+
+def _tracking_batch_norms(model: nn.Module) -> list[nn.Module]:
+    """The BatchNorm layers of ``model`` that update running statistics in a forward pass."""
+    return [
+        m
+        for m in model.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats
+    ]
 
 
 def _num_images(batches) -> int | None:

@@ -43,8 +43,8 @@ def build_on_cpu(settings):
     return splits, batches, parts
 
 
-def test_fast_recipe_wires_whitening_norm_lr_and_lookahead_ramp(tiny_cifar, tmp_path):
-    settings = fast_settings(tiny_cifar, tmp_path, "train.epochs=2")
+def test_airbench94_recipe_wires_whitening_norm_lr_and_lookahead_ramp(tiny_cifar, tmp_path):
+    settings = fast_settings(tiny_cifar, tmp_path, "train.epochs=2", recipe="airbench94")
     splits, batches, parts = build_on_cpu(settings)
     steps = pipeline.steps_per_epoch(batches)
 

@@ -46,7 +46,12 @@ def test_mlflow_run_train_tracks_and_registers(tiny_cifar, tmp_path):
     env = stage_env(tmp_path)
     env["MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"] = "1"  # a tiny run lasts seconds
     make_experiment(tmp_path, "e2e")
-    overrides = " ".join(tiny_overrides(tiny_cifar, tmp_path))
+    # Lookahead on top of the default recipe (which has none): what is registered must be
+    # its slow weights, checked at the end.
+    overrides = " ".join(
+        tiny_overrides(tiny_cifar, tmp_path)
+        + ["optim.lookahead_k=2", "optim.lookahead_buffers=true"]
+    )
     result = subprocess.run(
         [
             str(sys.executable.rsplit("/", 1)[0] + "/mlflow"),
@@ -78,7 +83,8 @@ def test_mlflow_run_train_tracks_and_registers(tiny_cifar, tmp_path):
     assert params["model.name"] == "resnet_small" and params["train.epochs"] == "2"
     # recipe=auto is fast on a machine without CUDA, and says so.
     assert params["recipe"] == "fast" and params["requested_recipe"] == "auto"
-    assert params["optim.lr"] == "1.5" and int(params["parameters"]) == 272_474
+    assert params["optim.name"] == "muon" and params["optim.lr"] == "0.825"
+    assert int(params["parameters"]) == 272_474
     assert params["train.precision"] == "auto"
     assert params["resolved_precision"] == hardware.resolve_precision("auto", torch.device("cpu"))
     assert {"device", "torch_version", "cuda_version", "git_commit"} <= set(params)
@@ -120,9 +126,9 @@ def test_mlflow_run_train_tracks_and_registers(tiny_cifar, tmp_path):
     from cifar_resnet.models import ImageClassifier, build_model
 
     model = ImageClassifier(build_model("resnet_small"), (0, 0, 0), (1, 1, 1))
-    # The weights the recipe means: under Lookahead (recipe=fast, the default here) the
-    # slow copies of the trainable parameters and, as fast averages them too
-    # (optim.lookahead_buffers), of the float buffers (BN statistics, input mean/std).
+    # The weights the run means: under Lookahead the slow copies of the trainable
+    # parameters and, with optim.lookahead_buffers, of the float buffers (BN statistics,
+    # input mean/std).
     parts = checkpoint["parts"]
     assert "ema" not in parts
     model.load_state_dict(parts["model"])

@@ -208,3 +208,36 @@ def test_a_checkpoint_of_another_version_or_machine_is_refused(tmp_path, monkeyp
         experiment.check_same_machine(checkpoint, Settings(), torch.device("cpu"))
     checkpoint["machine"]["precision"] = "fp32"
     experiment.check_same_machine(checkpoint, Settings(), torch.device("cpu"))
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["model.max_params=1000"], "over the limit model.max_params=1,000"),
+        (["model=resnet9", "optim.stem_bias_schedule=anneal"], "stem_bias_schedule=anneal"),
+    ],
+)
+def test_a_network_the_settings_cannot_build_is_refused_before_any_data_is_read(
+    tmp_path, overrides, message
+):
+    from hydra import compose, initialize_config_dir
+
+    from cifar_resnet.config import ConfigError, to_container, train_settings
+    from cifar_resnet.stages import CONF_DIR
+
+    # No data at this root and no download: reading it first would be a DataError.
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        config = to_container(
+            compose(
+                config_name="train",
+                overrides=[
+                    "recipe=fast",
+                    f"data.root={tmp_path}",
+                    "data.download=false",
+                    *overrides,
+                ],
+            )
+        )
+    with pytest.raises(ConfigError, match=message):
+        experiment.train_and_register(train_settings(config), config)
+    assert list(tmp_path.iterdir()) == []

@@ -123,6 +123,7 @@ def _train_and_register(
     extra_tags: dict[str, str] | None,
     requested_recipe: str | None,
 ) -> dict:
+    pipeline.check_network(settings)
     if settings.settings_from_run and world.is_main:  # looked up before any data is read
         extra_tags = {
             **(extra_tags or {}),

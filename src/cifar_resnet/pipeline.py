@@ -37,7 +37,7 @@ from .optim import (
 
 
 def build_network(settings: ModelSettings, num_classes: int = 10) -> nn.Module:
-    """Build the network and enforce the parameter budget before any data is read."""
+    """``settings``' network; ConfigError for a parameter count over ``settings.max_params``."""
     net = build_model(settings.name, num_classes=num_classes, **settings.kwargs)
     params = count_parameters(net)
     if params > settings.max_params:
@@ -234,6 +234,16 @@ def model_optimizer(
     )
 
 
+def check_network(settings: TrainSettings) -> None:
+    """Build ``settings.model``'s network once, so that what it cannot honour is refused
+    before any data is read or the machine measured: a parameter count over
+    ``model.max_params``, or ``optim.stem_bias_schedule=anneal`` on a net whose stem
+    bias never freezes. Raises ConfigError (one line)."""
+    net = build_network(settings.model)
+    if settings.optim.stem_bias_schedule == "anneal":
+        _freezing_stem_bias(settings, net)
+
+
 def stem_bias_groups(settings: TrainSettings, model: nn.Module, steps_per_epoch: int) -> list[dict]:
     """``optim.stem_bias_schedule=anneal``: the whitening stem's bias in a group of its
     own that trains like the BN parameters (``norm_lr_scale``, ``norm_decay``) and whose
@@ -243,6 +253,20 @@ def stem_bias_groups(settings: TrainSettings, model: nn.Module, steps_per_epoch:
     o = settings.optim
     if o.stem_bias_schedule == "freeze":
         return []
+    bias, epochs = _freezing_stem_bias(settings, model)
+    if epochs == 0:
+        return []
+    return [
+        {
+            "params": [bias],
+            **norm_group_options(o.weight_decay, o.norm_lr_scale, o.norm_decay),
+            "anneal_steps": epochs * steps_per_epoch,
+        }
+    ]
+
+
+def _freezing_stem_bias(settings: TrainSettings, model: nn.Module) -> tuple[nn.Parameter, int]:
+    """The stem's bias and the epochs it trains for, or ConfigError naming the model."""
     net = getattr(model, "net", model)
     stem, epochs = getattr(net, "stem", None), getattr(net, "stem_bias_epochs", None)
     if getattr(stem, "bias", None) is None or epochs is None:
@@ -251,15 +275,7 @@ def stem_bias_groups(settings: TrainSettings, model: nn.Module, steps_per_epoch:
             f"after model.kwargs.stem_bias_epochs epochs (model=airbench_net); "
             f"model={settings.model.name} with {settings.model.kwargs} has none"
         )
-    if epochs == 0:
-        return []
-    return [
-        {
-            "params": [stem.bias],
-            **norm_group_options(o.weight_decay, o.norm_lr_scale, o.norm_decay),
-            "anneal_steps": epochs * steps_per_epoch,
-        }
-    ]
+    return stem.bias, epochs
 
 
 def build_parts(

@@ -50,6 +50,7 @@ def store(tmp_path_factory, tiny_cifar):
             "train.batch_size": 64,
             "train.deterministic": "true",
             "registry.register": "false",
+            "train.keep_checkpoints": "true",  # the tests below read a finished run's last.pt
             # recipe=fast (the default here) at a rate its 64-image batches do not blow up at.
             "optim.lr": 0.05,
         },

@@ -122,7 +122,13 @@ def test_mlflow_run_train_tracks_and_registers(tiny_cifar, tmp_path):
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
     pyfunc = mlflow.pyfunc.load_model("models:/tiny-cifar/1")
     images, _ = data.load_cifar10(tiny_cifar.root, train=False)
-    checkpoint = engine.load_checkpoint(tmp_path / "checkpoints" / run.info.run_id / "best.pt")
+    # The run's own checkpoint folder is gone once it FINISHED; MLflow holds best.pt.
+    assert not (tmp_path / "checkpoints" / run.info.run_id).exists()
+    checkpoint = engine.load_checkpoint(
+        mlflow.artifacts.download_artifacts(
+            f"runs:/{run.info.run_id}/checkpoints/best.pt", dst_path=str(tmp_path / "download")
+        )
+    )
     from cifar_resnet.models import ImageClassifier, build_model
 
     model = ImageClassifier(build_model("resnet_small"), (0, 0, 0), (1, 1, 1))

@@ -109,6 +109,7 @@ class LoopSettings:
     dist_timeout_minutes: float  # under torchrun: how long a collective waits for a rank
     test: bool  # read the test set once at the end; false: a run that only chooses settings
     checkpoint_dir: str
+    keep_checkpoints: bool  # after the run FINISHED (its files are in MLflow)
     progress: bool
     tta: str
 

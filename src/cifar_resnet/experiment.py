@@ -9,6 +9,7 @@ with the checkpoint of the last finished epoch, so that ``resume=<run id>`` goes
 
 from __future__ import annotations
 
+import shutil
 import signal
 import sys
 import time
@@ -164,7 +165,7 @@ def _train_and_register(
             system_metrics=True,
         ) as mlflow_run:
             try:
-                return _tracked(
+                summary = _tracked(
                     run, config, mlflow_run.info, resume_checkpoint, extra_tags, requested_recipe
                 )
             except Terminated:
@@ -175,6 +176,11 @@ def _train_and_register(
                     flush=True,
                 )
                 raise
+        if not settings.train.keep_checkpoints:
+            # The run has FINISHED: best.pt and the model are in MLflow, and resume= refuses
+            # a finished run, so nothing in its folder is of further use.
+            shutil.rmtree(Path(settings.train.checkpoint_dir) / mlflow_run.info.run_id)
+        return summary
     except Terminated:
         raise SystemExit(128 + signal.SIGTERM) from None
     finally:

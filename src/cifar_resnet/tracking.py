@@ -113,6 +113,7 @@ FINAL_FIT_MAY_CHANGE = (
     "settings_from_run",
     "train.test",
     "train.checkpoint_dir",
+    "train.keep_checkpoints",
     "train.progress",
     "train.threads",
     "train.device",

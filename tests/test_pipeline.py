@@ -69,7 +69,7 @@ def test_airbench94_recipe_wires_whitening_norm_lr_and_lookahead_ramp(tiny_cifar
 
 def test_muon_recipe_steps_every_trainable_filter_with_muon(tiny_cifar, tmp_path):
     settings = fast_settings(
-        tiny_cifar, tmp_path, "train.epochs=1", "train.batch_size=32", recipe="fast_muon"
+        tiny_cifar, tmp_path, "train.epochs=1", "train.batch_size=32", recipe="airbench94_muon"
     )
     splits, batches, parts = build_on_cpu(settings)
     trainable_filters = {id(p) for p in parts.model.parameters() if p.requires_grad and p.ndim == 4}
@@ -93,7 +93,7 @@ def test_an_annealed_stem_bias_trains_at_the_norm_rate_until_it_freezes(tiny_cif
         "train.epochs=4",
         "train.batch_size=32",
         "optim.stem_bias_schedule=anneal",
-        recipe="fast_muon",
+        recipe="airbench94_muon",
     )
     splits, batches, parts = build_on_cpu(settings)
     steps = pipeline.steps_per_epoch(batches)

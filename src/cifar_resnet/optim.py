@@ -138,7 +138,8 @@ class Muon(torch.optim.Optimizer):
     2026-12-01, a loaded 2-core AMD EPYC): with PyTorch capped at AVX2 (fp32 resolved)
     its optimiser step took 2.8-3.5x ours at our 3 steps, 4.6-5.6x at its default 5;
     with native bf16, 0.94-1.46x at 3 steps and 1.19-1.87x at 5. Accuracy did not
-    decide it: 4 epochs of fast_muon on 10,000 images (one seed) gave 54.8% validation
+    decide it: 4 epochs of recipe=fast_muon as it was then (airbench94_muon's recipe
+    on whitened_resnet) on 10,000 images (one seed) gave 54.8% validation
     accuracy with ours, 55.2% with torch's plus our norm projection and 3 steps, 56.6%
     with torch's as it ships (5 steps, no projection, no weight decay).
 

@@ -17,7 +17,9 @@
 #   1. the recipe=best candidates, one seed a session (seeds accumulate across sessions:
 #      SEED=1 next time);
 #   2. recipe=seed's own 200-epoch schedule, as much of it as fits;
-#   3. time to 94% with TTA: recipe=fast and fast_muon as final fits, 3 seeds.
+#   3. time to 94% with TTA, 3 seeds: recipe=fast and fast_muon as final fits, and
+#      recipe=airbench94_muon (airbench94_muon's published recipe, whose GPU time is
+#      known, through this pipeline: the side-by-side of issues 16 and 17).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 case "${1:-}" in
@@ -62,6 +64,7 @@ bench 180 "recipe=best_airbench96" --seeds "$seed"
 bench 180 "recipe=best_airbench96_sam" --seeds "$seed"
 # A dry run caps this one at 0 s, so the partial path is checked too.
 bench "$([[ -n "$dry" ]] && echo 0 || echo 120)" "recipe=seed" --seeds "$seed"
-bench 60 "recipe=fast data.val_size=0" "recipe=fast_muon data.val_size=0" --seeds 0 1 2
+bench 60 "recipe=fast data.val_size=0" "recipe=fast_muon data.val_size=0" \
+    "recipe=airbench94_muon data.val_size=0" --seeds 0 1 2
 echo "done in ${SECONDS}s; results: $out/results.jsonl"
 exit "$failed"

@@ -31,6 +31,7 @@ def test_the_dry_run_runs_every_planned_run_and_reports_the_capped_one_as_partia
         "seed": 1,
         "fast": 3,
         "fast_muon": 3,
+        "airbench94_muon": 3,
     }
     assert all(r["parameters"] < 5_000_000 and r["dry_run"] for r in runs)
     [seed] = by_recipe["seed"]
@@ -39,8 +40,9 @@ def test_the_dry_run_runs_every_planned_run_and_reports_the_capped_one_as_partia
     assert "test_acc" not in seed
     finished = [r for r in runs if r["recipe"] != "seed"]
     assert all("test_acc" in r and not r.get("partial") for r in finished)
-    # The final fits keep their own data.val_size=0 over the dry run's.
-    assert all(r["best_epoch"] == 1 for r in by_recipe["fast"] + by_recipe["fast_muon"])
+    # The final fits and the control keep data.val_size=0 over the dry run's 50: no val.
+    no_val = by_recipe["fast"] + by_recipe["fast_muon"] + by_recipe["airbench94_muon"]
+    assert all(r["best_val_acc"] is None for r in no_val)
 
 
 def test_an_unknown_argument_is_refused_before_anything_runs(tmp_path):

@@ -198,6 +198,14 @@ def test_empty_parameters_keep_the_configs_values():
             "-P model='resnet1000' must be one of airbench96_net, airbench_net,",
         ),
         ("train", "model", "model=resnet9", "must be one of"),
+        # An option a group lacks, inside overrides: one line before Hydra's screenful.
+        (
+            "train",
+            "overrides",
+            "data.train_subset=5 recipe=fsat",
+            "recipe='fsat' must be one of airbench94, airbench94_muon, auto, best,",
+        ),
+        ("tune", "overrides", "optim=adam", "optim='adam' must be one of adamw, muon, sgd,"),
         ("tune", "n_trials", "2e3", "-P n_trials='2e3' must be an integer (it sets tune.n_trials)"),
         ("finetune", "lr", "fast", "-P lr='fast' must be a number (it sets optim.lr)"),
         ("finetune", "weight_decay", "nan", "-P weight_decay='nan' must be a number"),
@@ -212,6 +220,14 @@ def test_a_bad_choice_or_number_names_its_parameter(entry, name, value, message)
             argv_as_mlflow_run_builds_it(entry, {name: value}), stage_module(entry).PARAMETERS
         )
     assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_group_option_is_checked_as_typed_and_other_forms_are_left_to_hydra():
+    parameters = stage_module("train").PARAMETERS
+    with pytest.raises(ParameterError, match="augment='flips' must be one of"):
+        mlproject_argv(["train.epochs=2", "augment=flips"], parameters)
+    fine = ["recipe=fast_muon", "~recipe", "recipe=null", "+model.kwargs.residual=true"]
+    assert mlproject_argv(fine, parameters) == fine
 
 
 def test_launch_reports_a_bad_parameter_in_one_line_and_exit_code_2(monkeypatch, capsys):

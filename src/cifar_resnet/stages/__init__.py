@@ -51,20 +51,40 @@ def mlproject_argv(argv: list[str], aliases: dict[str, str]) -> list[str]:
         key, sep, value = arg.partition("=")
         if sep and key == "overrides":
             try:
-                out.extend(shlex.split(value))
+                overrides = shlex.split(value)
             except ValueError as err:  # an unclosed quote
                 raise ParameterError(
                     f"-P overrides={value!r}: {err}; it is a command line "
                     "of Hydra overrides, split as a shell splits it"
                 ) from None
+            for override in overrides:
+                check_group_option(override)
+            out.extend(overrides)
         elif sep and key in aliases:
             if aliases[key] == NPROC:
                 continue  # launch's business, not the config's
             if value.strip():
                 out.append(parameter_override(key, aliases[key], value))
         else:
+            check_group_option(arg)
             out.append(arg)
     return out
+
+
+def check_group_option(override: str) -> None:
+    """Raise ParameterError for ``group=option`` (``recipe=fsat``) naming an option that
+    conf/<group>/ does not have: one line listing the options, where Hydra would print a
+    screenful and exit 1. Anything else (``+``/``~`` forms, dotted keys, Hydra's
+    functions, ``null``) is left to Hydra."""
+    key, sep, value = override.partition("=")
+    group = Path(CONF_DIR) / key
+    if not sep or not re.fullmatch(r"\w+", key) or not group.is_dir():
+        return
+    options = sorted(p.stem for p in group.glob("*.yaml"))
+    if re.fullmatch(r"\w+", value) and value not in (*options, "null"):
+        raise ParameterError(
+            f"{key}={value!r} must be one of {', '.join(options)} (the {key} group)"
+        )
 
 
 def parameter_override(name: str, key: str, value: str) -> str:

@@ -142,6 +142,10 @@ def test_tune_prunes_records_failures_survives_a_kill_and_resumes(tiny_cifar, tm
         3: ("pruned", "FINISHED"),
     }
     assert "NonFiniteLossError" in children[1].data.tags["failure"]
+    # The best trial's run, to name as a final fit's chooser: printed and tagged.
+    best_run = children[0].info.run_id
+    assert parent.data.tags["best_trial_run_id"] == best_run
+    assert f"best: trial 0 (run {best_run}) val_acc" in result.stdout
     # Every run of the study, parent and trials, carries its name: the UI groups them.
     assert {r.data.tags["optuna.study_name"] for r in [parent, *children.values()]} == {STUDY}
     assert float(children[0].data.params["optim.lr"]) == pytest.approx(GOOD_LR)

@@ -45,8 +45,8 @@ def main(cfg: DictConfig) -> None:
             {"finetune.from_study": settings.from_study, "finetune.best_trial": str(best.number)}
         )
         print(
-            f"study {settings.from_study!r}: best trial {best.number} "
-            f"(val_acc {best.value:.4f}): {params}",
+            f"study {settings.from_study!r}: best trial {best.number} (run "
+            f"{best.user_attrs.get(tuning.RUN_ID_ATTR, '?')}, val_acc {best.value:.4f}): {params}",
             flush=True,
         )
 

@@ -82,7 +82,8 @@ def main(cfg: DictConfig) -> None:
     print(f"study {settings.study_name!r}: {counts} ({ran} run here)", flush=True)
     if "best_value" in summary:
         print(
-            f"best: trial {summary['best_trial']} val_acc {summary['best_value']:.4f} "
+            f"best: trial {summary['best_trial']} (run {summary['best_run_id']}) "
+            f"val_acc {summary['best_value']:.4f} "
             f"{summary['best_params']}",
             flush=True,
         )

@@ -191,12 +191,15 @@ def log_summary(study: optuna.Study) -> dict[str, Any]:
         tracking.log_text(trials.to_csv(index=False), "trials.csv")
     if counts["trials_complete"]:
         best = study.best_trial
-        summary.update(best_value=best.value, best_trial=best.number, best_params=best.params)
+        summary.update(
+            best_value=best.value,
+            best_trial=best.number,
+            best_run_id=best.user_attrs.get(RUN_ID_ATTR, ""),
+            best_params=best.params,
+        )
         tracking.log_metrics({"best_val_acc": best.value, "best_trial": best.number})
         tracking.log_params({f"best.{k}": v for k, v in best.params.items()})
-        tracking.set_tags(
-            {"best_trial": best.number, "best_trial_run_id": best.user_attrs.get(RUN_ID_ATTR, "")}
-        )
+        tracking.set_tags({"best_trial": best.number, "best_trial_run_id": summary["best_run_id"]})
         tracking.log_text(
             json.dumps(
                 {"value": best.value, "trial": best.number, "params": best.params}, indent=2

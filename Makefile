@@ -29,5 +29,7 @@ test: setup
 bench: setup
 	$(BIN)/python scripts/bench_throughput.py
 
+# Not checkpoints/: a finished run deletes its own folder, so what is left there is a
+# killed run's last.pt, waiting for resume=<run id>.
 clean:
-	rm -rf checkpoints outputs multirun .pytest_cache
+	rm -rf outputs multirun .pytest_cache

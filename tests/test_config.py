@@ -359,3 +359,11 @@ def test_sam_settings_compose_with_every_optimiser(optim):
         compose_train(f"optim={optim}", "optim.sam_rho=0.5", "optim.sam_adaptive=true")
     )
     assert (s.optim.name, s.optim.sam_rho, s.optim.sam_adaptive) == (optim, 0.5, True)
+
+
+def test_the_recipe_line_says_who_chose_the_recipe():
+    from cifar_resnet.config import recipe_line
+
+    assert recipe_line("auto", "fast", "cpu") == "recipe auto -> fast (device cpu)"
+    assert recipe_line(None, "fast_muon", "cpu") == "recipe fast_muon"
+    assert recipe_line(None, None, "cpu") == "recipe none (~recipe: the base config)"

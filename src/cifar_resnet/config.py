@@ -414,6 +414,15 @@ def _check_machine(section: str, device: str, precision: str) -> None:
         )
 
 
+def recipe_line(requested: str | None, recipe: str | None, device: object) -> str:
+    """What a stage prints about its recipe: ``recipe auto -> fast (device cpu)`` where
+    it chose one for the device (``requested`` "auto"), ``recipe fast`` where the config
+    named it, ``recipe none (~recipe: the base config)`` where it dropped it."""
+    if requested:
+        return f"recipe {requested} -> {recipe} (device {device})"
+    return f"recipe {recipe}" if recipe else "recipe none (~recipe: the base config)"
+
+
 def flatten(values: dict, prefix: str = "") -> dict[str, Any]:
     """{'optim': {'lr': 0.1}} -> {'optim.lr': 0.1}; lists stay whole."""
     flat = {}

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from . import data, distributed, engine, hardware, pipeline, plots, tracking, training
-from .config import ConfigError, TrainSettings
+from .config import ConfigError, TrainSettings, recipe_line
 from .serving import save_weights
 
 CHECKPOINT_VERSION = 2  # 2: weights_only-loadable (RNG states as tensors, config as YAML text)
@@ -134,8 +134,8 @@ def _train_and_register(
     settings, device = pipeline.prepare_machine(settings, world)
     if resume_checkpoint is not None:
         check_same_machine(resume_checkpoint, settings, device)
-    if requested_recipe and world.is_main:
-        print(f"recipe {requested_recipe} -> {settings.recipe} (device {device})", flush=True)
+    if world.is_main:
+        print(recipe_line(requested_recipe, settings.recipe, device), flush=True)
     if world.is_main:
         print(
             hardware.machine_line(device, requested_precision, settings.train.precision),

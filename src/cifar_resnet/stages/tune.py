@@ -16,7 +16,7 @@ import hydra
 from omegaconf import DictConfig
 
 from .. import hardware, pipeline, tracking, tuning
-from ..config import TuneSettings, section_settings, to_container, train_settings
+from ..config import TuneSettings, recipe_line, section_settings, to_container, train_settings
 from . import CONF_DIR, hydra_recomposer, launch, report_user_errors, resolve_recipe
 
 # MLproject parameter -> the config key (or group) it sets; `overrides` is the rest.
@@ -39,8 +39,7 @@ def main(cfg: DictConfig) -> None:
     base = train_settings(config)  # the trials' common config, checked once
     space = tuning.parse_space(settings.space, config)
     base, device = pipeline.prepare_machine(base)
-    if requested_recipe:
-        print(f"recipe {requested_recipe} -> {base.recipe} (device {device})", flush=True)
+    print(recipe_line(requested_recipe, base.recipe, device), flush=True)
     print(
         hardware.machine_line(device, config["train"]["precision"], base.train.precision),
         flush=True,

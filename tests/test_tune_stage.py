@@ -264,6 +264,15 @@ def test_default_space_is_log_uniform_around_the_configs_values():
     )
 
 
+def test_the_muon_space_searches_the_filters_rate_around_the_recipes():
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        config = to_container(compose(config_name="tune", overrides=["recipe=fast", "tune=muon"]))
+    params = {p.key: p for p in parse_space(config["tune"]["space"], config)}
+    assert set(params) == {"optim.lr", "optim.weight_decay", "optim.muon_lr"}
+    muon_lr = params["optim.muon_lr"]
+    assert (muon_lr.low, muon_lr.high) == (pytest.approx(0.017), pytest.approx(1.7))
+
+
 def test_space_keys_must_exist_in_the_config():
     with pytest.raises(ConfigError, match="no key 'optim.learning_rate'"):
         parse_space({"optim": {"learning_rate": {"type": "float", "low": 1, "high": 2}}}, CONFIG)

@@ -224,6 +224,7 @@ def test_report_prints_and_logs_the_results_table(store):
     header, _, *rows = table.strip().splitlines()
     for cell in (
         "model",
+        "recipe",
         "parameters",
         "epochs",
         "train acc",

@@ -20,7 +20,20 @@ TABLE = [
         "run2",
         {"flip_shift": 0.36, "flip": 0.33},
     ),
-    Row("3", "", "wrn22_4", 4298970, 100, 0.99, 0.95, 0.954, "run3", {}, settings_from_run="run1"),
+    Row(
+        "3",
+        "",
+        "wrn22_4",
+        4298970,
+        100,
+        0.99,
+        0.95,
+        0.954,
+        "run3",
+        {},
+        settings_from_run="run1",
+        recipe="best",
+    ),
 ]
 
 
@@ -31,6 +44,7 @@ def test_markdown_has_one_column_per_view_set_and_marks_a_borrowed_val_acc():
         "version",
         "aliases",
         "model",
+        "recipe",
         "parameters",
         "epochs",
         "train acc",
@@ -46,9 +60,10 @@ def test_markdown_has_one_column_per_view_set_and_marks_a_borrowed_val_acc():
         for line in lines
         if line.startswith("| ")
     }
-    assert rows["1"][8:10] == ["35.00%", "–"]
-    assert rows["2"][6] == "–" and rows["2"][8:10] == ["33.00%", "36.00%"]
-    assert rows["3"][6] == "95.00%†" and rows["3"][8:10] == ["–", "–"]
+    assert rows["1"][3] == "–" and rows["3"][3] == "`best`"
+    assert rows["1"][9:11] == ["35.00%", "–"]
+    assert rows["2"][7] == "–" and rows["2"][9:11] == ["33.00%", "36.00%"]
+    assert rows["3"][7] == "95.00%†" and rows["3"][9:11] == ["–", "–"]
     [note] = [line for line in lines if line.startswith("†")]
     assert "version 3 from `run1`" in note and "no validation split" in note
 
@@ -64,6 +79,7 @@ def test_csv_names_each_view_set_and_the_settings_run():
         "version",
         "aliases",
         "model",
+        "recipe",
         "parameters",
         "epochs",
         "train_acc",
@@ -77,3 +93,4 @@ def test_csv_names_each_view_set_and_the_settings_run():
     assert (rows[0]["test_acc_tta_flip"], rows[0]["test_acc_tta_flip_shift"]) == ("0.35", "")
     assert rows[1]["val_acc"] == "" and rows[1]["test_acc_tta_flip_shift"] == "0.36"
     assert rows[2]["settings_from_run"] == "run1" and rows[0]["settings_from_run"] == ""
+    assert (rows[0]["recipe"], rows[2]["recipe"]) == ("", "best")

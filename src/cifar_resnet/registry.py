@@ -332,7 +332,10 @@ def promote(
             )
         best_value, best_number = max(scored)  # ties: the newest
         chosen = str(best_number)
-        why = f"best {metric} of {len(scored)} version(s)"
+        unscored = len(all_versions) - len(scored)
+        why = f"best {metric} of {len(scored)} version(s)" + (
+            f"; {unscored} without {metric} left out" if unscored else ""
+        )
     value = values[chosen]
     champion = aliases(name).get(alias)
     champion_value = values.get(champion) if champion else None

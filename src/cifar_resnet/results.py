@@ -1,5 +1,6 @@
 """The results table over registered versions, in the seed report's columns:
-model, parameters, epochs, train/val/test accuracy, test accuracy with TTA, run id.
+model, parameters, epochs, train/val/test accuracy, test accuracy with TTA, run id;
+and the recipe, which tells apart versions of one network.
 
 Values come from what the stages write: version tags (train: model, parameters,
 epochs, val_acc, test_acc, test_acc_tta_<views>; eval_tta: test_acc_tta_<views>) and,
@@ -37,6 +38,7 @@ class Row:
     run_id: str
     test_acc_tta: dict[str, float] = field(default_factory=dict)  # view set -> accuracy
     settings_from_run: str | None = None  # the run val_acc comes from, for a final fit
+    recipe: str | None = None  # train's recipe tag; None without one (~recipe, older versions)
 
 
 def _int(value) -> int | None:
@@ -75,6 +77,7 @@ def rows(name: str) -> list[Row]:
                 run_id=version.run_id,
                 test_acc_tta=registry.tta_accuracies(version, metrics),
                 settings_from_run=version.tags.get("settings_from_run"),
+                recipe=version.tags.get("recipe") if version.tags.get("recipe") != "None" else None,
             )
         )
     return out
@@ -97,6 +100,7 @@ def markdown(table: list[Row]) -> str:
         "version",
         "aliases",
         "model",
+        "recipe",
         "parameters",
         "epochs",
         "train acc",
@@ -117,6 +121,7 @@ def markdown(table: list[Row]) -> str:
             r.version,
             r.aliases,
             f"`{r.model}`",
+            "–" if r.recipe is None else f"`{r.recipe}`",
             "–" if r.parameters is None else f"{r.parameters:,}",
             "–" if r.epochs is None else str(r.epochs),
             _pct(r.train_acc),
@@ -147,6 +152,7 @@ def csv_text(table: list[Row]) -> str:
         "version",
         "aliases",
         "model",
+        "recipe",
         "parameters",
         "epochs",
         "train_acc",

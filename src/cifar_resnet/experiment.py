@@ -168,9 +168,10 @@ def _train_and_register(
                 summary = _tracked(
                     run, config, mlflow_run.info, resume_checkpoint, extra_tags, requested_recipe
                 )
-            except Terminated:
+            except KeyboardInterrupt as stop:  # SIGTERM (Terminated) or Ctrl-C
+                word = "terminated" if isinstance(stop, Terminated) else "interrupted"
                 print(
-                    "terminated: the run is marked KILLED; continue it with "
+                    f"\n{word}: the run is marked KILLED; continue it with "
                     f"resume={mlflow_run.info.run_id}",
                     file=sys.stderr,
                     flush=True,
@@ -183,6 +184,8 @@ def _train_and_register(
         return summary
     except Terminated:
         raise SystemExit(128 + signal.SIGTERM) from None
+    except KeyboardInterrupt:  # the word is out and the run closed: no traceback
+        raise SystemExit(128 + signal.SIGINT) from None
     finally:
         signal.signal(signal.SIGTERM, previous_handler)
 

@@ -136,7 +136,6 @@ def _train_and_register(
         check_same_machine(resume_checkpoint, settings, device)
     if world.is_main:
         print(recipe_line(requested_recipe, settings.recipe, device), flush=True)
-    if world.is_main:
         print(
             hardware.machine_line(device, requested_precision, settings.train.precision),
             flush=True,

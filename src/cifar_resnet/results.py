@@ -41,6 +41,11 @@ class Row:
     recipe: str | None = None  # train's recipe tag; None without one (~recipe, older versions)
 
 
+def _recipe(tag: str | None) -> str | None:
+    """A version's recipe tag; train writes "None" under ``~recipe``."""
+    return None if tag in (None, "None") else tag
+
+
 def _int(value) -> int | None:
     try:
         return int(value)
@@ -77,7 +82,7 @@ def rows(name: str) -> list[Row]:
                 run_id=version.run_id,
                 test_acc_tta=registry.tta_accuracies(version, metrics),
                 settings_from_run=version.tags.get("settings_from_run"),
-                recipe=version.tags.get("recipe") if version.tags.get("recipe") != "None" else None,
+                recipe=_recipe(version.tags.get("recipe")),
             )
         )
     return out

@@ -77,14 +77,22 @@ def check_group_option(override: str) -> None:
     screenful and exit 1. Anything else (``+``/``~`` forms, dotted keys, Hydra's
     functions, ``null``) is left to Hydra."""
     key, sep, value = override.partition("=")
+    options = group_options(key) if sep and re.fullmatch(r"\w+", key) else None
+    if options is not None and re.fullmatch(r"\w+", value) and value not in (*options, "null"):
+        raise ParameterError(f"{key}={value!r} {_one_of(key, options)}")
+
+
+def group_options(key: str) -> list[str] | None:
+    """The options of config group ``key`` (conf/<key>/*.yaml); None for a key that is
+    no group (``train.epochs``)."""
     group = Path(CONF_DIR) / key
-    if not sep or not re.fullmatch(r"\w+", key) or not group.is_dir():
-        return
-    options = sorted(p.stem for p in group.glob("*.yaml"))
-    if re.fullmatch(r"\w+", value) and value not in (*options, "null"):
-        raise ParameterError(
-            f"{key}={value!r} must be one of {', '.join(options)} (the {key} group)"
-        )
+    if "." in key or not group.is_dir():
+        return None
+    return sorted(p.stem for p in group.glob("*.yaml"))
+
+
+def _one_of(key: str, options: list[str]) -> str:
+    return f"must be one of {', '.join(options)} (the {key} group)"
 
 
 def parameter_override(name: str, key: str, value: str) -> str:
@@ -94,13 +102,10 @@ def parameter_override(name: str, key: str, value: str) -> str:
     Raises ParameterError when ``key`` is a group without the option ``value``, or
     holds an int, float or bool that ``value`` is not.
     """
-    group = Path(CONF_DIR) / key
-    if "." not in key and group.is_dir():
-        options = sorted(p.stem for p in group.glob("*.yaml"))
+    options = group_options(key)
+    if options is not None:
         if value.strip() not in options:
-            raise ParameterError(
-                f"-P {name}={value!r} must be one of {', '.join(options)} (the {key} group)"
-            )
+            raise ParameterError(f"-P {name}={value!r} {_one_of(key, options)}")
         return f"{key}={value.strip()}"
     from ..config import key_type
 

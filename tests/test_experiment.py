@@ -126,6 +126,9 @@ def test_an_interrupted_run_resumed_equals_the_uninterrupted_one(store, stop):
         stderr=subprocess.STDOUT,
         text=True,
         start_new_session=True,
+        # As from a terminal: a job started in the background (CI under nohup, `make &`)
+        # inherits SIGINT ignored, and Python then keeps ignoring it.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     run_id = None
     deadline = time.monotonic() + 120 + 10 * store["epoch_seconds"]  # start-up, then an epoch

@@ -77,16 +77,16 @@ def check_group_option(override: str) -> None:
     screenful and exit 1. Anything else (``+``/``~`` forms, dotted keys, Hydra's
     functions, ``null``) is left to Hydra."""
     key, sep, value = override.partition("=")
-    options = group_options(key) if sep and re.fullmatch(r"\w+", key) else None
+    options = group_options(key) if sep else None
     if options is not None and re.fullmatch(r"\w+", value) and value not in (*options, "null"):
         raise ParameterError(f"{key}={value!r} {_one_of(key, options)}")
 
 
 def group_options(key: str) -> list[str] | None:
     """The options of config group ``key`` (conf/<key>/*.yaml); None for a key that is
-    no group (``train.epochs``)."""
+    no group (``train.epochs``, ``+model.kwargs.x``, ``~recipe``)."""
     group = Path(CONF_DIR) / key
-    if "." in key or not group.is_dir():
+    if not re.fullmatch(r"\w+", key) or not group.is_dir():
         return None
     return sorted(p.stem for p in group.glob("*.yaml"))
 

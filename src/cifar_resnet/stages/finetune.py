@@ -46,7 +46,7 @@ def main(cfg: DictConfig) -> None:
         )
         print(
             f"study {settings.from_study!r}: best trial {best.number} (run "
-            f"{best.user_attrs.get(tuning.RUN_ID_ATTR, '?')}, val_acc {best.value:.4f}): {params}",
+            f"{tuning.trial_run_id(best) or '?'}, val_acc {best.value:.4f}): {params}",
             flush=True,
         )
 

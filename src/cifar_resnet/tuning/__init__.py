@@ -27,6 +27,7 @@ from .objective import (
     Objective,
     PruningLogger,
     fit_trial,
+    trial_run_id,
     without_test_set,
 )
 from .space import Param, get_dotted, parse_space, with_values
@@ -76,6 +77,7 @@ __all__ = [
     "seeded_per_trial",
     "state_counts",
     "study_tags",
+    "trial_run_id",
     "with_values",
     "without_test_set",
 ]

@@ -19,6 +19,12 @@ STUDY_TAG = tracking.STUDY_TAG
 RUN_ID_ATTR = "mlflow_run_id"
 
 
+def trial_run_id(trial) -> str | None:
+    """The MLflow run of ``trial`` (an optuna Trial or FrozenTrial); None for a trial
+    whose run was never made."""
+    return trial.user_attrs.get(RUN_ID_ATTR)
+
+
 class PruningLogger:
     """engine.EpochLogger: log the epoch to the trial's MLflow run, report val_acc
     to Optuna, and raise TrialPruned out of ``fit`` when the pruner says so."""

@@ -13,7 +13,7 @@ from optuna.trial import TrialState
 
 from .. import tracking
 from ..config import ConfigError, TuneSettings
-from .objective import RUN_ID_ATTR, STATE_TAG, STUDY_TAG, TRIAL_FAILURES, Objective
+from .objective import STATE_TAG, STUDY_TAG, TRIAL_FAILURES, Objective, trial_run_id
 from .storage import StudyError, describe_storage, open_storage
 
 # Heartbeats and the matplotlib plots are marked experimental; they work and are used on purpose.
@@ -64,7 +64,7 @@ def state_counts(study: optuna.Study) -> dict[str, int]:
 def mark_killed(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
     """Heartbeat callback: a trial whose process died is failed in Optuna; close its
     MLflow run too, which nobody else will."""
-    run_id = trial.user_attrs.get(RUN_ID_ATTR)
+    run_id = trial_run_id(trial)
     if run_id:
         tracking.close_killed_run(
             run_id, {STATE_TAG: "failed", "failure": "process killed (heartbeat stopped)"}
@@ -194,7 +194,7 @@ def log_summary(study: optuna.Study) -> dict[str, Any]:
         summary.update(
             best_value=best.value,
             best_trial=best.number,
-            best_run_id=best.user_attrs.get(RUN_ID_ATTR, ""),
+            best_run_id=trial_run_id(best) or "",
             best_params=best.params,
         )
         tracking.log_metrics({"best_val_acc": best.value, "best_trial": best.number})

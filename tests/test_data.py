@@ -80,15 +80,29 @@ def test_ensure_without_download_on_missing_dir(tmp_path):
 def test_ensure_reports_a_failed_download(tmp_path, monkeypatch):
     import torchvision
 
-    def offline(*args, **kwargs):
+    def offline(root, **kwargs):
+        # As torchvision does: the root is made and the archive started before the
+        # connection fails.
+        Path(root).mkdir(parents=True, exist_ok=True)
+        (Path(root) / "cifar-10-python.tar.gz").write_bytes(b"partial")
         raise OSError("Network is unreachable")
 
     monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline)
     with pytest.raises(data.DataError) as error:
-        data.ensure_cifar10(tmp_path / "nowhere", download=True)
+        data.ensure_cifar10(tmp_path / "nowhere" / "deeper", download=True)
     message = str(error.value)
     assert "Network is unreachable" in message and "CIFAR10_ROOT" in message
-    assert str(tmp_path / "nowhere") in message
+    assert str(tmp_path / "nowhere" / "deeper") in message
+    # Nothing is left behind: no empty folders, no partial archive.
+    assert list(tmp_path.iterdir()) == []
+
+    # A root that existed keeps what it held.
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    (kept / "notes.txt").write_text("mine")
+    with pytest.raises(data.DataError):
+        data.ensure_cifar10(kept, download=True)
+    assert [p.name for p in kept.iterdir()] == ["notes.txt"]
 
 
 def test_resolve_root(monkeypatch, tmp_path):

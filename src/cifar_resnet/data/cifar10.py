@@ -156,16 +156,41 @@ def ensure_cifar10(
     _check_md5s(folder, expected_md5)
     if not download:
         raise DataError(_not_found_message(folder, missing) + " (download is off)")
+    before = _what_exists(folder.parent)
     try:
         import torchvision
 
         torchvision.datasets.CIFAR10(str(folder.parent), train=True, download=True)
     except Exception as error:  # noqa: BLE001 - any failure means "no data", reported below
+        _remove_leftovers(folder.parent, before)
         detail = (str(error).splitlines() or [""])[0][:200]
         raise DataError(
             f"CIFAR-10 not found in {folder} and the download failed "
             f"({type(error).__name__}: {detail}); {_WHAT_TO_SET}") from error
     return verify_cifar10(folder, expected_md5)
+
+
+def _what_exists(root: pathlib.Path) -> tuple[list[pathlib.Path], set[str]]:
+    """The folders on the way to ``root`` that do not exist yet, and the names already in
+    ``root``: what a failed download must leave as it found it."""
+    absent = [p for p in (root, *root.parents) if not p.exists()]
+    return absent, {p.name for p in root.iterdir()} if root.is_dir() else set()
+
+
+def _remove_leftovers(root: pathlib.Path, before: tuple[list[pathlib.Path], set[str]]) -> None:
+    """Undo what a failed torchvision download left under ``root``: its partial archive
+    (any file that was not there before) and the folders it created, so the next try
+    starts clean and a mistyped root leaves no empty folder behind."""
+    absent, names = before
+    if root.is_dir():
+        for path in root.iterdir():
+            if path.name not in names and path.is_file():
+                path.unlink(missing_ok=True)
+    for folder in absent:  # deepest first
+        try:
+            folder.rmdir()
+        except OSError:  # not empty (something else wrote there) or already gone
+            break
 
 
 def _unpickle(path: pathlib.Path) -> dict:

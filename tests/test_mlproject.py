@@ -230,10 +230,20 @@ def test_a_group_option_is_checked_as_typed_and_other_forms_are_left_to_hydra():
     assert mlproject_argv(fine, parameters) == fine
 
 
-def test_launch_reports_a_bad_parameter_in_one_line_and_exit_code_2(monkeypatch, capsys):
+@pytest.mark.parametrize(
+    "launcher_run, typed",
+    [
+        ("0123abc", "-P epochs='ten\\nmore'"),  # mlflow run sets MLFLOW_RUN_ID
+        ("", "epochs='ten\\nmore'"),  # python -m cifar_resnet.stages.train epochs=...
+    ],
+)
+def test_launch_reports_a_bad_parameter_in_one_line_and_exit_code_2(
+    launcher_run, typed, monkeypatch, capsys
+):
     def main():
         raise AssertionError("the stage must not start")
 
+    monkeypatch.setenv("MLFLOW_RUN_ID", launcher_run)
     monkeypatch.setattr(
         sys, "argv", ["train.py", *argv_as_mlflow_run_builds_it("train", {"epochs": "ten\nmore"})]
     )
@@ -241,7 +251,7 @@ def test_launch_reports_a_bad_parameter_in_one_line_and_exit_code_2(monkeypatch,
         launch(main, stage_module("train").PARAMETERS)
     assert exit_.value.code == 2
     assert capsys.readouterr().err.splitlines() == [
-        "error: -P epochs='ten\\nmore' must be an integer (it sets train.epochs)"
+        f"error: {typed} must be an integer (it sets train.epochs)"
     ]
 
 

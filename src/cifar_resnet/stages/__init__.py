@@ -54,8 +54,9 @@ def mlproject_argv(argv: list[str], aliases: dict[str, str]) -> list[str]:
                 overrides = shlex.split(value)
             except ValueError as err:  # an unclosed quote
                 raise ParameterError(
-                    f"-P overrides={value!r}: {err}; it is a command line "
-                    "of Hydra overrides, split as a shell splits it"
+                    f"cannot be split as a shell splits a command line ({err}); "
+                    "it holds Hydra overrides",
+                    f"overrides={value!r}",
                 ) from None
             for override in overrides:
                 check_group_option(override)
@@ -105,18 +106,18 @@ def parameter_override(name: str, key: str, value: str) -> str:
     options = group_options(key)
     if options is not None:
         if value.strip() not in options:
-            raise ParameterError(f"-P {name}={value!r} {_one_of(key, options)}")
+            raise ParameterError(_one_of(key, options), f"{name}={value!r}")
         return f"{key}={value.strip()}"
     from ..config import key_type
 
     kind, text = key_type(key), value.strip()
     if kind is bool:
         if text.lower() not in ("true", "false"):
-            raise ParameterError(f"-P {name}={value!r} must be true or false (it sets {key})")
+            raise ParameterError(f"must be true or false (it sets {key})", f"{name}={value!r}")
         return f"{key}={text.lower()}"
     if kind is int:
         if not re.fullmatch(r"[+-]?[0-9]+", text):
-            raise ParameterError(f"-P {name}={value!r} must be an integer (it sets {key})")
+            raise ParameterError(f"must be an integer (it sets {key})", f"{name}={value!r}")
         return f"{key}={int(text)}"
     if kind is float:
         try:
@@ -124,7 +125,7 @@ def parameter_override(name: str, key: str, value: str) -> str:
         except ValueError:
             number = math.nan
         if math.isnan(number):
-            raise ParameterError(f"-P {name}={value!r} must be a number (it sets {key})")
+            raise ParameterError(f"must be a number (it sets {key})", f"{name}={value!r}")
         return f"{key}={number!r}"
     return f"{key}={hydra_quoted(value)}"
 
@@ -190,7 +191,21 @@ def hydra_recomposer(config_name: str) -> Callable[[str], object]:
 
 
 class ParameterError(UserError):
-    """An MLproject parameter (``-P name=value``) whose value its config key cannot take."""
+    """An MLproject parameter (``-P name=value``) whose value its config key cannot take.
+
+    ``parameter`` is the ``name=value`` at fault, put before ``message`` ("" when the
+    fault is no one parameter's); ``str()`` names it as ``mlflow run`` users type it (``-P``),
+    ``as_typed(mlflow_run=False)`` as ``python -m cifar_resnet.stages...`` users do.
+    """
+
+    def __init__(self, message: str, parameter: str = ""):
+        self.message, self.parameter = message, parameter
+        super().__init__(self.as_typed(mlflow_run=True))
+
+    def as_typed(self, mlflow_run: bool) -> str:
+        if not self.parameter:
+            return self.message
+        return f"{'-P ' if mlflow_run else ''}{self.parameter} {self.message}"
 
 
 def report_user_errors(task: Callable) -> Callable:
@@ -227,7 +242,10 @@ def launch(main: Callable[[], None], aliases: dict[str, str]) -> None:
         nproc, args = processes_wanted(sys.argv[1:], aliases)
         argv = mlproject_argv(args, aliases)
     except ParameterError as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
+        # mlflow run sets MLFLOW_RUN_ID for its entry point; without it, the arguments
+        # were typed after python -m and carry no -P.
+        typed = err.as_typed(mlflow_run=bool(os.environ.get("MLFLOW_RUN_ID")))
+        print(f"error: {typed}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
     if nproc > 1:
         module = sys.modules["__main__"].__spec__.name  # the stage, run as python -m
@@ -253,8 +271,8 @@ def processes_wanted(argv: list[str], aliases: dict[str, str]) -> tuple[int, lis
         elif value.strip():
             if not re.fullmatch(r"[0-9]+", value.strip()) or int(value) < 1:
                 raise ParameterError(
-                    f"-P {name}={value!r} must be a positive integer "
-                    "(the processes torchrun starts on this machine)"
+                    "must be a positive integer (the processes torchrun starts on this machine)",
+                    f"{name}={value!r}",
                 )
             nproc = int(value)
     if nproc > 1 and "WORLD_SIZE" in os.environ:

@@ -93,6 +93,20 @@ def view_sets(table: list[Row]) -> list[str]:
     return sorted({views for r in table for views in r.test_acc_tta})
 
 
+# The table's columns in order, both formats; the TTA columns and the run id follow them.
+_COLUMNS = (
+    "version",
+    "aliases",
+    "model",
+    "recipe",
+    "parameters",
+    "epochs",
+    "train_acc",
+    "val_acc",
+    "test_acc",
+)
+
+
 def _pct(value: float | None) -> str:
     return "–" if value is None else f"{100 * value:.2f}%"
 
@@ -102,15 +116,7 @@ def markdown(table: list[Row]) -> str:
     and a note under it when a val acc is borrowed (``settings_from_run``)."""
     sets = view_sets(table)
     header = (
-        "version",
-        "aliases",
-        "model",
-        "recipe",
-        "parameters",
-        "epochs",
-        "train acc",
-        "val acc",
-        "test acc",
+        *(column.replace("_", " ") for column in _COLUMNS),
         *(f"test acc (TTA {views})" for views in sets),
         "run id",
     )
@@ -154,15 +160,7 @@ def csv_text(table: list[Row]) -> str:
     per view set present; empty cells where a value is missing."""
     sets = view_sets(table)
     columns = [
-        "version",
-        "aliases",
-        "model",
-        "recipe",
-        "parameters",
-        "epochs",
-        "train_acc",
-        "val_acc",
-        "test_acc",
+        *_COLUMNS,
         *(registry.TTA_PREFIX + views for views in sets),
         "run_id",
         "settings_from_run",

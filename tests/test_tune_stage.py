@@ -218,6 +218,58 @@ def test_tune_prunes_records_failures_survives_a_kill_and_resumes(tiny_cifar, tm
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
+def test_a_tune_stopped_from_outside_closes_its_runs_and_says_how_to_go_on(
+    tiny_cifar, tmp_path, stop
+):
+    env = stage_env(tmp_path)
+    make_experiment(tmp_path, "tests")
+    storage = f"sqlite:///{tmp_path}/optuna.db"
+    args = tune_overrides(
+        tiny_cifar,
+        tmp_path,
+        **{"tune.study_name": STUDY, "tune.storage": storage, "tune.epochs": 40},
+        **{"tune.pruner": "none", "tune.max_trials": 2},
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-m", "cifar_resnet.stages.tune", *args],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        # As a terminal starts it: a background job would inherit SIGINT ignored.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    deadline = time.monotonic() + 240
+    while not [t for t in trials_or_none(storage) if t.intermediate_values]:
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, "no trial reported an epoch in time"
+        time.sleep(0.2)
+    process.send_signal(stop)
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 128 + stop, out[-2000:] + err[-2000:]
+    assert "Traceback" not in out + err
+    word = "terminated" if stop == signal.SIGTERM else "interrupted"
+    assert f"{word}: the running trial failed and this tune run" in err
+    # Closed now, not when a later worker finds its heartbeat stale.
+    [trial] = trials(storage)
+    assert trial.state == TrialState.FAIL
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    trial_run = client.get_run(trial.user_attrs["mlflow_run_id"])
+    assert trial_run.info.status == "KILLED" and trial_run.data.tags["optuna.state"] == "failed"
+    parent = client.get_run(trial_run.data.tags["mlflow.parentRunId"])
+    assert parent.info.status == "KILLED" and f"({parent.info.run_id})" in err
+
+
+def trials_or_none(storage: str) -> list[optuna.trial.FrozenTrial]:
+    try:
+        return trials(storage)
+    except KeyError:  # the study is not created yet
+        return []
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "case, extra, message",
     [

@@ -9,8 +9,8 @@ with the checkpoint of the last finished epoch, so that ``resume=<run id>`` goes
 
 from __future__ import annotations
 
+import contextlib
 import shutil
-import signal
 import sys
 import time
 from pathlib import Path
@@ -18,17 +18,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import data, distributed, engine, hardware, pipeline, plots, tracking, training
+from . import data, distributed, engine, hardware, interrupts, pipeline, plots, tracking, training
 from .config import ConfigError, TrainSettings, recipe_line
 from .serving import save_weights
 
 CHECKPOINT_VERSION = 2  # 2: weights_only-loadable (RNG states as tensors, config as YAML text)
-
-
-class Terminated(KeyboardInterrupt):
-    """The process received SIGTERM: stop after saying so. A kind of KeyboardInterrupt,
-    so that whatever treats Ctrl-C as "stopped from outside" (tracking ends the run
-    KILLED) treats it alike."""
 
 
 def load_resume_checkpoint(
@@ -151,8 +145,7 @@ def _train_and_register(
     if warning:
         print(warning, file=sys.stderr, flush=True)
 
-    previous_handler = signal.signal(signal.SIGTERM, _raise_terminated)
-    try:
+    with interrupts.stoppable():
         # A name of our own: MLflow draws its random ones from the stream the seed has
         # just fixed, so every run with one seed would be called the same.
         run_name = f"{settings.recipe or 'base'}-{settings.model.name}-seed{settings.seed}"
@@ -167,10 +160,9 @@ def _train_and_register(
                 summary = _tracked(
                     run, config, mlflow_run.info, resume_checkpoint, extra_tags, requested_recipe
                 )
-            except KeyboardInterrupt as stop:  # SIGTERM (Terminated) or Ctrl-C
-                word = "terminated" if isinstance(stop, Terminated) else "interrupted"
+            except KeyboardInterrupt as stop:  # SIGTERM (interrupts.Terminated) or Ctrl-C
                 print(
-                    f"\n{word}: the run is marked KILLED; continue it with "
+                    f"\n{interrupts.stop_word(stop)}: the run is marked KILLED; continue it with "
                     f"resume={mlflow_run.info.run_id}",
                     file=sys.stderr,
                     flush=True,
@@ -179,18 +171,11 @@ def _train_and_register(
         if not settings.train.keep_checkpoints:
             # The run has FINISHED: best.pt and the model are in MLflow, and resume= refuses
             # a finished run, so nothing in its folder is of further use.
-            shutil.rmtree(Path(settings.train.checkpoint_dir) / mlflow_run.info.run_id)
+            folder = Path(settings.train.checkpoint_dir)
+            shutil.rmtree(folder / mlflow_run.info.run_id)
+            with contextlib.suppress(OSError):  # it holds killed runs' folders: they stay
+                folder.rmdir()
         return summary
-    except Terminated:
-        raise SystemExit(128 + signal.SIGTERM) from None
-    except KeyboardInterrupt:  # the word is out and the run closed: no traceback
-        raise SystemExit(128 + signal.SIGINT) from None
-    finally:
-        signal.signal(signal.SIGTERM, previous_handler)
-
-
-def _raise_terminated(signum, frame) -> None:
-    raise Terminated()
 
 
 def _tracked(

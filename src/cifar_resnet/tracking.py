@@ -76,7 +76,7 @@ def training_run(
 @contextlib.contextmanager
 def _killed_on_interrupt(active: mlflow.ActiveRun) -> Iterator[mlflow.ActiveRun]:
     """A run stopped from outside (SIGTERM, Ctrl-C) ends KILLED, not FAILED: it did not
-    go wrong, and ``resume=<run id>`` continues it."""
+    go wrong (and a training's ``resume=<run id>`` continues it)."""
     with active as run:
         try:
             yield run
@@ -192,8 +192,11 @@ def tag_run(run_id: str, tags: dict[str, Any]) -> None:
 
 @contextlib.contextmanager
 def nested_run(run_name: str, tags: dict | None = None) -> Iterator[mlflow.ActiveRun]:
-    """A child of the active run (a tuning trial under its study's run)."""
-    with mlflow.start_run(run_name=run_name, nested=True, tags=_tag_values(tags)) as run:
+    """A child of the active run (a tuning trial under its study's run); KILLED when
+    stopped from outside, as a training run is."""
+    with _killed_on_interrupt(
+        mlflow.start_run(run_name=run_name, nested=True, tags=_tag_values(tags))
+    ) as run:
         yield run
 
 

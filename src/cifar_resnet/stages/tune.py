@@ -12,10 +12,12 @@ cap) or the study holds ``tune.max_trials`` (the whole study's).
 
 from __future__ import annotations
 
+import sys
+
 import hydra
 from omegaconf import DictConfig
 
-from .. import hardware, pipeline, tracking, tuning
+from .. import hardware, interrupts, pipeline, tracking, tuning
 from ..config import TuneSettings, recipe_line, section_settings, to_container, train_settings
 from . import CONF_DIR, hydra_recomposer, launch, report_user_errors, resolve_recipe
 
@@ -51,12 +53,15 @@ def main(cfg: DictConfig) -> None:
     study = tuning.open_study(settings)
 
     storage = tuning.describe_storage(settings.storage)  # no password in logs, params or YAML
-    with tracking.training_run(
-        base.experiment_name,
-        run_name=f"tune {settings.study_name}",
-        tags=tuning.study_tags(settings),
-        system_metrics=True,
-    ) as run:
+    with (
+        interrupts.stoppable(),
+        tracking.training_run(
+            base.experiment_name,
+            run_name=f"tune {settings.study_name}",
+            tags=tuning.study_tags(settings),
+            system_metrics=True,
+        ) as run,
+    ):
         print(
             f"MLflow run {run.info.run_id} (experiment {run.info.experiment_id}); "
             f"study {settings.study_name!r} in {storage}",
@@ -71,7 +76,17 @@ def main(cfg: DictConfig) -> None:
                 **({"requested_recipe": requested_recipe} if requested_recipe else {}),
             },
         )
-        ran = tuning.optimize(study, objective, settings)
+        try:
+            ran = tuning.optimize(study, objective, settings)
+        except KeyboardInterrupt as stop:  # SIGTERM (interrupts.Terminated) or Ctrl-C
+            print(
+                f"\n{interrupts.stop_word(stop)}: the running trial failed and this tune run "
+                f"({run.info.run_id}) is marked KILLED; the same command continues study "
+                f"{settings.study_name!r}, whose finished trials are kept",
+                file=sys.stderr,
+                flush=True,
+            )
+            raise
         summary = tuning.log_summary(study)
         tracking.log_metrics({"trials_run": ran})
     counts = ", ".join(

@@ -100,6 +100,9 @@ class Objective:
             except optuna.TrialPruned as err:
                 pruned = err
                 tracking.set_tags({STATE_TAG: "pruned"})
+            except KeyboardInterrupt:  # SIGTERM or Ctrl-C: the run ends KILLED, Optuna's FAIL
+                tracking.set_tags({STATE_TAG: "failed", "failure": "stopped from outside"})
+                raise
             except Exception as err:
                 tracking.set_tags(
                     {STATE_TAG: "failed", "failure": f"{type(err).__name__}: {err}"[:5000]}

@@ -3,9 +3,11 @@ leaves in MLflow (summary, plots, tags)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import optuna
@@ -170,15 +172,39 @@ def optimize(study: optuna.Study, objective: Objective, settings: TuneSettings) 
     if settings.max_trials is not None:
         callbacks.append(optuna.study.MaxTrialsCallback(settings.max_trials, states=COUNTED))
     # gc after each trial: a failed trial's model and optimizer leave device memory at once.
-    study.optimize(
-        seeded_per_trial(objective, settings),
-        n_trials=settings.n_trials,
-        timeout=settings.timeout,
-        catch=TRIAL_FAILURES,
-        gc_after_trial=True,
-        callbacks=callbacks,
-    )
+    with _no_traceback_for_stops():
+        study.optimize(
+            seeded_per_trial(objective, settings),
+            n_trials=settings.n_trials,
+            timeout=settings.timeout,
+            catch=TRIAL_FAILURES,
+            gc_after_trial=True,
+            callbacks=callbacks,
+        )
     return failures.ran
+
+
+class _DropStopTracebacks(logging.Filter):
+    """Optuna logs a trial stopped by Ctrl-C or SIGTERM with the traceback of where the
+    stop landed, which says nothing; the warning itself stays."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], KeyboardInterrupt):
+            record.exc_info = None
+        return True
+
+
+@contextlib.contextmanager
+def _no_traceback_for_stops() -> Iterator[None]:
+    handlers = logging.getLogger("optuna").handlers
+    stops = _DropStopTracebacks()
+    for handler in handlers:
+        handler.addFilter(stops)
+    try:
+        yield
+    finally:
+        for handler in handlers:
+            handler.removeFilter(stops)
 
 
 def log_summary(study: optuna.Study) -> dict[str, Any]:

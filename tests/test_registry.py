@@ -85,8 +85,9 @@ def test_allowed_test_selection_never_compares_two_view_sets(store):
 
 def test_a_tta_metric_without_its_view_set_is_refused_even_when_allowed(store):
     store.add({"test_acc_tta": "0.4", "tta_views": "flip"})
-    with pytest.raises(registry.RegistryError, match="names no view set.*test_acc_tta_flip"):
-        registry.promote(store.name, "test_acc_tta", allow_test_selection=True)
+    for allowed in (True, False):  # no message offers a way out that is then refused
+        with pytest.raises(registry.RegistryError, match="names no view set.*test_acc_tta_flip"):
+            registry.promote(store.name, "test_acc_tta", allow_test_selection=allowed)
     assert aliases(store) == {}
 
 

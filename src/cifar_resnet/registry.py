@@ -278,18 +278,19 @@ def check_selection_metric(metric: str, allow_test_selection: bool = False) -> N
     """Raise RegistryError for a metric that promote must not rank versions by: any
     ``test_*`` metric unless ``allow_test_selection``, and ``test_acc_tta``, which
     names no view set (versions evaluated with different sets would be one metric)."""
+    # Refused either way: checked first, so the other refusal never offers a way out.
+    if metric in (_LEGACY_TTA, "test_loss_tta"):
+        raise RegistryError(
+            f"{metric} names no view set, so versions evaluated with "
+            f"different sets would be compared as one metric; use "
+            f"{metric}_<views> ({metric}_flip, {metric}_flip_shift, ...)"
+        )
     if metric.startswith("test_") and not allow_test_selection:
         raise RegistryError(
             f"promote.metric={metric} is measured on the test set: choosing the champion on "
             "it is choosing on the data we report on, and the reported test figure would no "
             "longer be an honest estimate; rank by val_acc (the default), or set "
             "promote.allow_test_selection=true to do it anyway"
-        )
-    if metric in (_LEGACY_TTA, "test_loss_tta"):
-        raise RegistryError(
-            f"{metric} names no view set, so versions evaluated with "
-            f"different sets would be compared as one metric; use "
-            f"{metric}_<views> ({metric}_flip, {metric}_flip_shift, ...)"
         )
 
 

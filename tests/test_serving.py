@@ -903,6 +903,26 @@ def test_client_prints_class_and_confidence_and_names_rejected_files(server, reg
     assert f"{tmp_path / 'broken.png'}\terror: could not be decoded" in result.stderr
 
 
+@pytest.mark.parametrize(
+    "option, value, message",
+    [
+        ("--batch-size", "0", "'0' is not a positive integer"),
+        ("--batch-size", "-3", "'-3' is not a positive integer"),
+        ("--timeout", "0", "'0' is not a positive number of seconds"),
+        ("--timeout", "nan", "'nan' is not a positive number of seconds"),
+    ],
+)
+def test_client_refuses_a_bad_option_before_sending_anything(
+    tmp_path, capsys, option, value, message
+):
+    from cifar_resnet import client
+
+    (tmp_path / "a.png").write_bytes(encode(sample_images(1)[0]))
+    with pytest.raises(SystemExit) as exit_:  # argparse's usage error: exit code 2
+        client.main(["http://127.0.0.1:9", str(tmp_path / "a.png"), option, value])
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
 def test_client_says_when_the_server_is_unreachable(tmp_path):
     (tmp_path / "a.png").write_bytes(encode(sample_images(1)[0]))
     result = subprocess.run(

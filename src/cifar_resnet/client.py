@@ -114,6 +114,22 @@ def classify_all(url: str, files: list[Path], tta: str = "none", timeout: float 
     yield from ((path, prediction, None) for path, prediction in zip(files, predictions))
 
 
+def _positive_int(text: str) -> int:
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+    return int(text)
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m cifar_resnet.client",
@@ -121,14 +137,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("url", help="the server, e.g. http://127.0.0.1:5000")
     parser.add_argument("paths", nargs="+", metavar="FILE_OR_FOLDER")
-    parser.add_argument("--batch-size", type=int, default=32, help="files per request")
+    parser.add_argument("--batch-size", type=_positive_int, default=32, help="files per request")
     parser.add_argument(
         "--tta",
         default="none",
         help="test-time augmentation: none or a view set "
         "(identity, flip, flip_shift, seed); the server checks the name",
     )
-    parser.add_argument("--timeout", type=float, default=120, help="seconds per request")
+    parser.add_argument("--timeout", type=_positive_float, default=120, help="seconds per request")
     args = parser.parse_args(argv)
     try:
         files = find_files(args.paths)
@@ -140,8 +156,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     rejected = 0
     try:
-        for start in range(0, len(files), max(1, args.batch_size)):
-            batch = files[start : start + max(1, args.batch_size)]
+        for start in range(0, len(files), args.batch_size):
+            batch = files[start : start + args.batch_size]
             for path, prediction, error in classify_all(args.url, batch, args.tta, args.timeout):
                 if error is not None:
                     rejected += 1

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ast
 import importlib
+import os
 import shlex
 import subprocess
 import sys
@@ -276,6 +277,29 @@ def test_nproc_must_be_a_positive_integer(value):
         f"-P nproc={value!r} must be a positive integer "
         "(the processes torchrun starts on this machine)"
     )
+
+
+def test_a_batch_that_cannot_split_over_nproc_is_one_line_before_torchrun(monkeypatch, capsys):
+    train = stage_module("train")
+
+    def never(*args):
+        raise AssertionError("neither torchrun nor the stage may start")
+
+    monkeypatch.setattr(os, "execv", never)
+    argv = argv_as_mlflow_run_builds_it(
+        "train", {"nproc": "3", "overrides": "recipe=fast data.train_subset=100"}
+    )
+    monkeypatch.setattr(sys, "argv", ["train.py", *argv])
+    with pytest.raises(SystemExit) as exit_:
+        launch(never, train.PARAMETERS, preflight=train.check_before_torchrun)
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "error: train.batch_size=1000 is the global batch and must divide evenly over the "
+        "3 processes; use a multiple of 3"
+    ]
+    # What divides passes; resume= and what Hydra cannot compose are the processes' to check.
+    for fine in (["recipe=fast"], ["resume=abc"], ["train.epochz=2"]):
+        train.check_before_torchrun(fine, 2)
 
 
 def test_nproc_is_launchs_and_never_reaches_the_config():

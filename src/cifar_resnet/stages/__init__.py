@@ -222,7 +222,11 @@ def report_user_errors(task: Callable) -> Callable:
     return wrapper
 
 
-def launch(main: Callable[[], None], aliases: dict[str, str]) -> None:
+def launch(
+    main: Callable[[], None],
+    aliases: dict[str, str],
+    preflight: Callable[[list[str], int], None] | None = None,
+) -> None:
     """Run a stage's ``@hydra.main`` with its MLproject parameters (``aliases``:
     parameter -> config key or group) turned into overrides; a bad parameter is one
     line on stderr and exit code 2.
@@ -231,6 +235,8 @@ def launch(main: Callable[[], None], aliases: dict[str, str]) -> None:
     ``python -m torch.distributed.run --standalone --nproc_per_node=N -m <this stage>``
     with the other arguments, so ``mlflow run . -e train -P nproc=2`` trains with two
     processes (under ``mlflow run``'s run: rank 0 logs into it); empty or 1 runs here.
+    ``preflight(overrides, N)`` runs first: a UserError it raises (a setting every
+    process would refuse alike) is one line here, not N lines under torchrun's traceback.
     """
     try:
         if NPROC not in aliases.values() and int(os.environ.get("WORLD_SIZE") or 1) > 1:
@@ -247,6 +253,12 @@ def launch(main: Callable[[], None], aliases: dict[str, str]) -> None:
         typed = err.as_typed(mlflow_run=bool(os.environ.get("MLFLOW_RUN_ID")))
         print(f"error: {typed}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
+    if nproc > 1 and preflight is not None:
+        try:
+            preflight(argv, nproc)
+        except UserError as err:
+            print(f"error: {err}", file=sys.stderr, flush=True)
+            raise SystemExit(2) from None
     if nproc > 1:
         module = sys.modules["__main__"].__spec__.name  # the stage, run as python -m
         torchrun = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]

@@ -64,5 +64,29 @@ def main(cfg: DictConfig) -> None:
     )
 
 
+def check_before_torchrun(overrides: list[str], nproc: int) -> None:
+    """The checks every one of ``nproc`` processes would make alike, made once before
+    torchrun starts them: the config's types and ranges, and a global batch that
+    divides over the processes. Raises ConfigError. A resumed run's config is its
+    checkpoint's, and a config Hydra cannot compose is Hydra's to report: both are left
+    to the processes."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        try:
+            cfg = compose("train", overrides=overrides)
+            if cfg.get("resume"):
+                return
+            others = [o for o in overrides if not o.lstrip("+~").startswith("recipe=")]
+            cfg, _ = resolve_recipe(
+                cfg, lambda recipe: compose("train", overrides=[*others, f"recipe={recipe}"])
+            )
+        except HydraException:
+            return
+    settings = train_settings(to_container(cfg))
+    distributed.per_rank_batch(settings.train.batch_size, distributed.World(0, nproc, 0, nproc))
+
+
 if __name__ == "__main__":
-    launch(main, PARAMETERS)
+    launch(main, PARAMETERS, preflight=check_before_torchrun)

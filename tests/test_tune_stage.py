@@ -60,6 +60,26 @@ def finished(storage: str) -> dict[int, tuple]:
     }
 
 
+def running_trials_once_one_reports(process, storage: str) -> list[optuna.trial.FrozenTrial]:
+    """Wait (240 s at most) until a running trial of ``process`` has reported an epoch;
+    the running trials that have."""
+    deadline = time.monotonic() + 240
+    while True:
+        try:
+            running = [
+                t
+                for t in trials(storage)
+                if t.state == TrialState.RUNNING and t.intermediate_values
+            ]
+        except KeyError:  # the study is not created yet
+            running = []
+        if running:
+            return running
+        assert process.poll() is None, "".join(filter(None, process.communicate()))[-3000:]
+        assert time.monotonic() < deadline, "no trial reported an epoch in time"
+        time.sleep(0.2)
+
+
 def child_runs(client: MlflowClient, parent) -> dict[int, object]:
     runs = client.search_runs(
         [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
@@ -176,15 +196,7 @@ def test_tune_prunes_records_failures_survives_a_kill_and_resumes(tiny_cifar, tm
         text=True,
         start_new_session=True,
     )
-    deadline = time.monotonic() + 240
-    running = []
-    while not running:
-        assert process.poll() is None, process.stdout.read()[-3000:]
-        assert time.monotonic() < deadline, "no trial reported an epoch in time"
-        time.sleep(0.2)
-        running = [
-            t for t in trials(storage) if t.state == TrialState.RUNNING and t.intermediate_values
-        ]
+    running = running_trials_once_one_reports(process, storage)
     process.send_signal(signal.SIGKILL)
     process.wait(timeout=30)
     process.stdout.close()
@@ -241,11 +253,7 @@ def test_a_tune_stopped_from_outside_closes_its_runs_and_says_how_to_go_on(
         # As a terminal starts it: a background job would inherit SIGINT ignored.
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
-    deadline = time.monotonic() + 240
-    while not [t for t in trials_or_none(storage) if t.intermediate_values]:
-        assert process.poll() is None, process.communicate()
-        assert time.monotonic() < deadline, "no trial reported an epoch in time"
-        time.sleep(0.2)
+    running_trials_once_one_reports(process, storage)
     process.send_signal(stop)
     out, err = process.communicate(timeout=60)
     assert process.returncode == 128 + stop, out[-2000:] + err[-2000:]
@@ -260,13 +268,6 @@ def test_a_tune_stopped_from_outside_closes_its_runs_and_says_how_to_go_on(
     assert trial_run.info.status == "KILLED" and trial_run.data.tags["optuna.state"] == "failed"
     parent = client.get_run(trial_run.data.tags["mlflow.parentRunId"])
     assert parent.info.status == "KILLED" and f"({parent.info.run_id})" in err
-
-
-def trials_or_none(storage: str) -> list[optuna.trial.FrozenTrial]:
-    try:
-        return trials(storage)
-    except KeyError:  # the study is not created yet
-        return []
 
 
 @pytest.mark.slow

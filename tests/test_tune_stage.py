@@ -230,7 +230,9 @@ def test_tune_prunes_records_failures_survives_a_kill_and_resumes(tiny_cifar, tm
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
+# SIGTERM only: Ctrl-C takes the same path (tests/test_interrupts.py), and the suite's time
+# is counted on a 2-core CPU.
+@pytest.mark.parametrize("stop", [signal.SIGTERM], ids=["SIGTERM"])
 def test_a_tune_stopped_from_outside_closes_its_runs_and_says_how_to_go_on(
     tiny_cifar, tmp_path, stop
 ):
@@ -259,7 +261,7 @@ def test_a_tune_stopped_from_outside_closes_its_runs_and_says_how_to_go_on(
     assert process.returncode == 128 + stop, out[-2000:] + err[-2000:]
     assert "Traceback" not in out + err
     word = "terminated" if stop == signal.SIGTERM else "interrupted"
-    assert f"{word}: the running trial failed and this tune run" in err
+    assert f"{word}: this tune run (" in err and "with any trial it was running failed" in err
     # Closed now, not when a later worker finds its heartbeat stale.
     [trial] = trials(storage)
     assert trial.state == TrialState.FAIL

@@ -80,9 +80,9 @@ def main(cfg: DictConfig) -> None:
             ran = tuning.optimize(study, objective, settings)
         except KeyboardInterrupt as stop:  # SIGTERM (interrupts.Terminated) or Ctrl-C
             print(
-                f"\n{interrupts.stop_word(stop)}: the running trial failed and this tune run "
-                f"({run.info.run_id}) is marked KILLED; the same command continues study "
-                f"{settings.study_name!r}, whose finished trials are kept",
+                f"\n{interrupts.stop_word(stop)}: this tune run ({run.info.run_id}) is marked "
+                "KILLED, with any trial it was running failed; the same command continues "
+                f"study {settings.study_name!r}, whose finished trials are kept",
                 file=sys.stderr,
                 flush=True,
             )

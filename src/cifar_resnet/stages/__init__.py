@@ -253,13 +253,13 @@ def launch(
         typed = err.as_typed(mlflow_run=bool(os.environ.get("MLFLOW_RUN_ID")))
         print(f"error: {typed}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
-    if nproc > 1 and preflight is not None:
+    if nproc > 1:
         try:
-            preflight(argv, nproc)
+            if preflight is not None:
+                preflight(argv, nproc)
         except UserError as err:
             print(f"error: {err}", file=sys.stderr, flush=True)
             raise SystemExit(2) from None
-    if nproc > 1:
         module = sys.modules["__main__"].__spec__.name  # the stage, run as python -m
         torchrun = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
         sys.stdout.flush()

@@ -173,6 +173,30 @@ def test_an_interrupted_run_resumed_equals_the_uninterrupted_one(store, stop):
         ), key
 
 
+@pytest.mark.slow
+def test_a_run_stopped_before_its_first_epoch_was_saved_offers_no_resume(store):
+    process = subprocess.Popen(
+        [sys.executable, "-m", TRAIN, *store["args"]],
+        cwd=REPO,
+        env=store["env"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    for line in process.stdout:  # the epoch takes ~2 s after this line
+        if line.startswith("MLflow run "):
+            run_id = line.split()[2]
+            break
+    process.send_signal(signal.SIGTERM)
+    output = process.communicate(timeout=60)[0]
+    assert process.returncode == 128 + signal.SIGTERM, output[-2000:]
+    assert not (store["tmp"] / "checkpoints" / run_id / "last.pt").exists()
+    assert "no epoch was saved, so there is nothing to resume: start it again" in output
+    assert "resume=" not in output and "Traceback" not in output
+    client = MlflowClient(f"sqlite:///{store['tmp']}/mlflow.db")
+    assert client.get_run(run_id).info.status == "KILLED"
+
+
 def one_error_line(result) -> str:
     assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
     assert "Traceback" not in result.stderr

@@ -256,6 +256,19 @@ def test_launch_reports_a_bad_parameter_in_one_line_and_exit_code_2(
     ]
 
 
+def test_a_ctrl_c_a_stage_did_not_report_is_one_line_and_exit_code_130(capsys):
+    from cifar_resnet.stages import report_user_errors
+
+    @report_user_errors
+    def starting_up():
+        raise KeyboardInterrupt  # e.g. while the data's MD5s are checked
+
+    with pytest.raises(SystemExit) as exit_:
+        starting_up()
+    assert exit_.value.code == 130 and exit_.value.__suppress_context__
+    assert capsys.readouterr().err.split() == ["interrupted"]
+
+
 @pytest.mark.parametrize("entry", ["tune", "finetune", "eval_tta", "promote", "report"])
 def test_a_one_process_stage_under_torchrun_is_refused(entry, monkeypatch, capsys):
     def main():

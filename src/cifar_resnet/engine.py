@@ -30,6 +30,9 @@ from tqdm import tqdm
 from . import distributed
 from .optim import SAM, Lookahead, ModelEMA
 
+# In fit's checkpoint_dir: the last finished epoch (what resume reads) and the best one.
+LAST_CHECKPOINT = "last.pt"
+
 
 class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or infinite (learning rate too high, usually)."""
@@ -524,7 +527,7 @@ def fit(
             parts.lookahead.sync()  # as airbench ends: the model takes the slow weights
         state.stopped_early = patience > 0 and state.epochs_since_best >= patience
         if checkpoint_dir is not None:
-            save_checkpoint(checkpoint_dir / "last.pt", parts, state, extra)
+            save_checkpoint(checkpoint_dir / LAST_CHECKPOINT, parts, state, extra)
             if improved:
                 save_checkpoint(checkpoint_dir / "best.pt", parts, state, extra)
         if logger is not None:

@@ -25,6 +25,11 @@ from .serving import save_weights
 CHECKPOINT_VERSION = 2  # 2: weights_only-loadable (RNG states as tensors, config as YAML text)
 
 
+def last_checkpoint(checkpoint_dir: str | Path, run_id: str) -> Path:
+    """Where the training loop (``engine.fit``) keeps run ``run_id``'s last epoch."""
+    return Path(checkpoint_dir) / run_id / engine.LAST_CHECKPOINT
+
+
 def load_resume_checkpoint(
     checkpoint_dir: str | Path, run_id: str, world: distributed.World = distributed.SINGLE
 ) -> dict:
@@ -42,7 +47,7 @@ def load_resume_checkpoint(
                 f"resume={run_id}: that run finished; there is nothing to resume "
                 "(train a new run, or finetune its registered version)"
             )
-    path = Path(checkpoint_dir) / run_id / "last.pt"
+    path = last_checkpoint(checkpoint_dir, run_id)
     if not path.is_file():
         raise ConfigError(
             f"resume={run_id}: no checkpoint at {path} "
@@ -161,9 +166,15 @@ def _train_and_register(
                     run, config, mlflow_run.info, resume_checkpoint, extra_tags, requested_recipe
                 )
             except KeyboardInterrupt as stop:  # SIGTERM (interrupts.Terminated) or Ctrl-C
+                run_id = mlflow_run.info.run_id
+                saved = last_checkpoint(settings.train.checkpoint_dir, run_id).is_file()
                 print(
-                    f"\n{interrupts.stop_word(stop)}: the run is marked KILLED; continue it with "
-                    f"resume={mlflow_run.info.run_id}",
+                    f"\n{interrupts.stop_word(stop)}: the run is marked KILLED; "
+                    + (
+                        f"continue it with resume={run_id}"
+                        if saved
+                        else "no epoch was saved, so there is nothing to resume: start it again"
+                    ),
                     file=sys.stderr,
                     flush=True,
                 )

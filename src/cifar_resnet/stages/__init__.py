@@ -209,7 +209,9 @@ class ParameterError(UserError):
 
 
 def report_user_errors(task: Callable) -> Callable:
-    """Print a known user error as one line on stderr and exit 2, with no traceback."""
+    """Print a known user error as one line on stderr and exit 2, with no traceback. A
+    Ctrl-C the stage has not reported itself (one during its start-up, before it has a
+    run to close) is one line and exit code 130, also without a traceback."""
 
     @functools.wraps(task)
     def wrapper(*args, **kwargs):
@@ -218,6 +220,9 @@ def report_user_errors(task: Callable) -> Callable:
         except UserError as err:
             print(f"error: {err}", file=sys.stderr, flush=True)
             raise SystemExit(2) from None
+        except KeyboardInterrupt:
+            print("\ninterrupted", file=sys.stderr, flush=True)
+            raise SystemExit(130) from None
 
     return wrapper
 

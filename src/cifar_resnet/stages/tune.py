@@ -62,22 +62,24 @@ def main(cfg: DictConfig) -> None:
             system_metrics=True,
         ) as run,
     ):
-        print(
-            f"MLflow run {run.info.run_id} (experiment {run.info.experiment_id}); "
-            f"study {settings.study_name!r} in {storage}",
-            flush=True,
-        )
-        tracking.log_config(
-            {**config, "tune": {**tune_section, "storage": storage}},
-            {
-                **pipeline.machine_params(base, device),
-                "train_images": len(splits.train_labels),
-                "val_images": len(splits.val_labels),
-                **({"requested_recipe": requested_recipe} if requested_recipe else {}),
-            },
-        )
         try:
+            print(
+                f"MLflow run {run.info.run_id} (experiment {run.info.experiment_id}); "
+                f"study {settings.study_name!r} in {storage}",
+                flush=True,
+            )
+            tracking.log_config(
+                {**config, "tune": {**tune_section, "storage": storage}},
+                {
+                    **pipeline.machine_params(base, device),
+                    "train_images": len(splits.train_labels),
+                    "val_images": len(splits.val_labels),
+                    **({"requested_recipe": requested_recipe} if requested_recipe else {}),
+                },
+            )
             ran = tuning.optimize(study, objective, settings)
+            summary = tuning.log_summary(study)
+            tracking.log_metrics({"trials_run": ran})
         except KeyboardInterrupt as stop:  # SIGTERM (interrupts.Terminated) or Ctrl-C
             print(
                 f"\n{interrupts.stop_word(stop)}: this tune run ({run.info.run_id}) is marked "
@@ -87,8 +89,6 @@ def main(cfg: DictConfig) -> None:
                 flush=True,
             )
             raise
-        summary = tuning.log_summary(study)
-        tracking.log_metrics({"trials_run": ran})
     counts = ", ".join(
         f"{summary[k]} {k.removeprefix('trials_')}"
         for k in ("trials_complete", "trials_pruned", "trials_failed", "trials_running")

@@ -908,8 +908,8 @@ def test_client_prints_class_and_confidence_and_names_rejected_files(server, reg
     [
         ("--batch-size", "0", "'0' is not a positive integer"),
         ("--batch-size", "-3", "'-3' is not a positive integer"),
-        ("--timeout", "0", "'0' is not a positive number of seconds"),
-        ("--timeout", "nan", "'nan' is not a positive number of seconds"),
+        ("--timeout", "0", "'0' is not a positive, finite number of seconds"),
+        ("--timeout", "nan", "'nan' is not a positive, finite number of seconds"),
     ],
 )
 def test_client_refuses_a_bad_option_before_sending_anything(

@@ -182,12 +182,17 @@ def task_overrides() -> list[str]:
 def hydra_recomposer(config_name: str) -> Callable[[str], object]:
     """For ``resolve_recipe`` inside a ``@hydra.main`` app: this run's command-line
     overrides, with its recipe replaced."""
+    return recomposer(config_name, task_overrides())
+
+
+def recomposer(config_name: str, overrides: list[str]) -> Callable[[str], object]:
+    """For ``resolve_recipe``: ``config_name`` composed again with ``overrides`` and the
+    recipe it is given in place of theirs. Needs Hydra initialised (``@hydra.main`` or
+    ``initialize_config_dir``)."""
     from hydra import compose
 
-    overrides = [o for o in task_overrides() if not o.lstrip("+~").startswith("recipe=")]
-    return lambda recipe: compose(
-        config_name=config_name, overrides=[*overrides, f"recipe={recipe}"]
-    )
+    others = [o for o in overrides if not o.lstrip("+~").startswith("recipe=")]
+    return lambda recipe: compose(config_name=config_name, overrides=[*others, f"recipe={recipe}"])
 
 
 class ParameterError(UserError):

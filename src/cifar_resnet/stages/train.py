@@ -18,6 +18,7 @@ from . import (
     NPROC,
     hydra_recomposer,
     launch,
+    recomposer,
     report_user_errors,
     resolve_recipe,
     task_overrides,
@@ -78,10 +79,7 @@ def check_before_torchrun(overrides: list[str], nproc: int) -> None:
             cfg = compose("train", overrides=overrides)
             if cfg.get("resume"):
                 return
-            others = [o for o in overrides if not o.lstrip("+~").startswith("recipe=")]
-            cfg, _ = resolve_recipe(
-                cfg, lambda recipe: compose("train", overrides=[*others, f"recipe={recipe}"])
-            )
+            cfg, _ = resolve_recipe(cfg, recomposer("train", overrides))
         except HydraException:
             return
     settings = train_settings(to_container(cfg))

@@ -113,12 +113,9 @@ def test_the_same_seed_gives_the_same_run_and_another_seed_another(store):
     )
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize(
-    "stop", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL], ids=["SIGTERM", "Ctrl-C", "SIGKILL"]
-)
-def test_an_interrupted_run_resumed_equals_the_uninterrupted_one(store, stop):
-    process = subprocess.Popen(
+def start_training(store) -> subprocess.Popen:
+    """The store's training as a process of its own, its output merged on stdout."""
+    return subprocess.Popen(
         [sys.executable, "-m", TRAIN, *store["args"]],
         cwd=REPO,
         env=store["env"],
@@ -130,6 +127,14 @@ def test_an_interrupted_run_resumed_equals_the_uninterrupted_one(store, stop):
         # inherits SIGINT ignored, and Python then keeps ignoring it.
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "stop", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL], ids=["SIGTERM", "Ctrl-C", "SIGKILL"]
+)
+def test_an_interrupted_run_resumed_equals_the_uninterrupted_one(store, stop):
+    process = start_training(store)
     run_id = None
     deadline = time.monotonic() + 120 + 10 * store["epoch_seconds"]  # start-up, then an epoch
     for line in process.stdout:  # the run id comes first, the first epoch's line later
@@ -175,14 +180,7 @@ def test_an_interrupted_run_resumed_equals_the_uninterrupted_one(store, stop):
 
 @pytest.mark.slow
 def test_a_run_stopped_before_its_first_epoch_was_saved_offers_no_resume(store):
-    process = subprocess.Popen(
-        [sys.executable, "-m", TRAIN, *store["args"]],
-        cwd=REPO,
-        env=store["env"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    process = start_training(store)
     for line in process.stdout:  # the epoch takes ~2 s after this line
         if line.startswith("MLflow run "):
             run_id = line.split()[2]
